@@ -1,0 +1,350 @@
+"""Typed, strict experiment config: YAML files plus dotted ``--set a.b=c`` overrides.
+
+Unknown keys and bad values are one-line :class:`ConfigError` s naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from debiaslab.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which images to train on and how to skew them (data build)."""
+
+    source: str = "digits"
+    path: str = ""
+    source_options: dict[str, Any] = field(default_factory=dict)
+    imbalance: Literal["none", "long_tail", "attribute_bias"] = "long_tail"
+    imb_factor: float = 0.1
+    bias_attribute: str = ""
+    bias_ratio: float = 0.9
+    reference_fraction: float = 0.05
+    seed: int = 0
+    dataset_dir: str = ""  # default: <output_dir>/data/<experiment name's data key>
+    augment: Literal["none", "hflip"] = "none"
+
+
+@dataclass
+class ModelConfig:
+    """Score network architecture (nets.NETS registry)."""
+
+    net: str = "unet"
+    model_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = (8,)
+    head_channels: int = 32
+    dropout: float = 0.0
+    class_conditional: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    """Forward process, prediction target and loss weighting (ALGORITHMS.md §5)."""
+
+    formulation: Literal["vp", "edm"] = "vp"
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    target: str = "eps"
+    weighting: str = "constant"
+    weighting_params: dict[str, float] = field(default_factory=dict)
+    weighting_apply: Literal["equivalent", "as_is"] = "equivalent"
+    loss: str = "denoising"
+    edm_p_mean: float = -1.2
+    edm_p_std: float = 1.2
+    sigma_data: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: AdamW with linear warm-up, gradient clipping, EMA, label dropout for CFG."""
+
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    label_dropout: float = 0.1
+    log_every: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """Sampling: sampler, steps, per-sample seeds, labels and guidance."""
+
+    samplers: tuple[str, ...] = ("ddim", "dpmpp_2m")
+    steps: int = 50
+    num_samples: int = 100
+    batch_size: int = 100
+    seed_start: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    cfg_omega: float = 0.0
+    labels: Literal["balanced", "uniform", "none"] = "balanced"
+    use_ema: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow: experiment and run names (embedded SQLite store unless MLFLOW_TRACKING_URI)."""
+
+    enabled: bool = True
+    experiment: str = "debiaslab"
+    run_name: str = ""
+
+
+@dataclass
+class ExperimentConfig:
+    """The unit of reproducibility: one YAML in configs/experiments/."""
+
+    name: str = "experiment"
+    output_dir: str = "outputs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / "runs" / self.name
+
+    @property
+    def dataset_path(self) -> Path:
+        if self.data.dataset_dir:
+            return Path(self.data.dataset_dir).resolve()
+        return Path(self.output_dir).resolve() / "data" / dataset_key(self.data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def dataset_key(data: DataConfig) -> str:
+    """A readable folder name for a built dataset (e.g. ``digits-lt0.1-s0``)."""
+    key = {"none": data.source, "long_tail": f"{data.source}-lt{data.imb_factor:g}",
+           "attribute_bias": f"{data.source}-bias-{data.bias_attribute}{data.bias_ratio:g}"
+                             f"-ref{data.reference_fraction:g}"}[data.imbalance]
+    return f"{key}-s{data.seed}"
+
+
+# --------------------------------------------------------------------------------------------
+# strict conversion
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}: invalid value {value!r}; allowed: {', '.join(map(str, allowed))}"
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(get_args(tp)):
+            return None
+        return _convert(value, args[0], key)
+    if origin is tuple:
+        (item, *_rest) = get_args(tp)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; allowed: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build a validated config from a plain dict (missing keys take their defaults)."""
+    return _from_dict(ExperimentConfig, raw or {})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML, JSON and MLflow."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars/lists) to a nested dict."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        path, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = path.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {path!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a one-line ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{p}: invalid YAML{where}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None
+                ) -> ExperimentConfig:
+    """Load an experiment YAML (or the defaults), apply overrides, validate types and names."""
+    raw = load_yaml(path) if path else {}
+    cfg = from_dict(apply_overrides(raw, overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check values that types cannot express: ranges and registry names."""
+    # Registries are filled on import; importing here keeps config.py free of import cycles.
+    from debiaslab.data.sources import SOURCES
+    from debiaslab.diffusion.losses import LOSSES
+    from debiaslab.diffusion.parameterization import TARGETS
+    from debiaslab.diffusion.samplers import SAMPLERS
+    from debiaslab.diffusion.schedules import SCHEDULES
+    from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
+    from debiaslab.nets import NETS
+    import debiaslab.methods  # noqa: F401  (registers method components)
+
+    checks = [
+        ("data.source", cfg.data.source, SOURCES),
+        ("model.net", cfg.model.net, NETS),
+        ("diffusion.schedule", cfg.diffusion.schedule, SCHEDULES),
+        ("diffusion.target", cfg.diffusion.target, TARGETS),
+        ("diffusion.weighting", cfg.diffusion.weighting, WEIGHTINGS),
+        ("diffusion.loss", cfg.diffusion.loss, LOSSES),
+    ] + [(f"sample.samplers[{i}]", s, SAMPLERS) for i, s in enumerate(cfg.sample.samplers)]
+    for key, value, registry in checks:
+        if value not in registry:
+            raise ConfigError(
+                f"{key}: unknown {registry.kind} {value!r}; allowed: {', '.join(registry.names())}"
+            )
+    try:
+        build_weighting(cfg.diffusion.weighting, **cfg.diffusion.weighting_params)
+    except ConfigError as exc:
+        raise ConfigError(f"diffusion.weighting_params: {exc}") from None
+
+    positive = {
+        "train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+        "train.lr": cfg.train.lr, "train.log_every": cfg.train.log_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "sample.steps": cfg.sample.steps, "sample.num_samples": cfg.sample.num_samples,
+        "sample.batch_size": cfg.sample.batch_size, "model.model_channels": cfg.model.model_channels,
+        "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
+        "data.imb_factor": cfg.data.imb_factor,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {value}")
+    unit = {
+        "train.ema_decay": cfg.train.ema_decay, "train.label_dropout": cfg.train.label_dropout,
+        "model.dropout": cfg.model.dropout, "data.imb_factor": cfg.data.imb_factor,
+        "data.bias_ratio": cfg.data.bias_ratio,
+        "data.reference_fraction": cfg.data.reference_fraction,
+    }
+    for key, value in unit.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if cfg.train.warmup_steps < 0 or cfg.train.grad_clip < 0 or cfg.sample.cfg_omega < 0:
+        raise ConfigError("train.warmup_steps, train.grad_clip and sample.cfg_omega must be >= 0")
+    if cfg.sample.steps > cfg.diffusion.num_timesteps:
+        raise ConfigError(
+            f"sample.steps: must be <= diffusion.num_timesteps ({cfg.diffusion.num_timesteps}), "
+            f"got {cfg.sample.steps}"
+        )
+    if not cfg.model.channel_mult:
+        raise ConfigError("model.channel_mult: must list at least one multiplier")
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,3 @@
+"""One module per paper; importing this package registers every method's components."""
+
+from debiaslab.methods import debias  # noqa: F401

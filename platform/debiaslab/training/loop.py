@@ -1,0 +1,321 @@
+"""The training loop shared by the single-process path and Ray Train workers.
+
+AdamW with linear warm-up, gradient clipping, EMA, mixed precision on GPU, atomic checkpoints and
+exact resume: batches, timesteps and noise come from generators seeded by (seed, step), and the
+global torch RNG (dropout) is checkpointed, so a resumed run reproduces the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from debiaslab.config import ExperimentConfig, to_dict
+from debiaslab.diffusion.losses import DiffusionLoss, build_loss
+from debiaslab.errors import CheckpointError, TrainingDiverged
+from debiaslab.training.checkpoint import (
+    checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+)
+
+MetricsFn = Callable[[int, dict[str, float]], None]
+CheckpointFn = Callable[[int, Path], None]
+
+_STREAM_BATCH, _STREAM_NOISE = 1, 2  # independent per-step random streams
+_SEED_STRIDE = 1_000_003
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on GPU (bf16 by default); full precision on CPU unless asked otherwise."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A CPU generator for one (seed, step, stream): the same draws however the run was split."""
+    return torch.Generator().manual_seed((seed * _SEED_STRIDE + step) * 8 + stream)
+
+
+class EMA:
+    """Exponential moving average of parameters (and a copy of buffers), with the usual warm-up
+    decay min(decay, (1 + n)/(10 + n)) so early averages are not dominated by the init."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.num_updates = 0
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for e, p in zip(self.shadow.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.shadow.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"shadow": self.shadow.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.shadow.load_state_dict(state["shadow"])
+        self.num_updates = int(state["num_updates"])
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """Linear warm-up from 1/warmup to 1 over ``warmup_steps`` optimizer steps, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def build_net(cfg: ExperimentConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The raw score network from ``cfg.model`` for images of ``shape`` = (C, H, W)."""
+    from debiaslab.nets import NETS
+
+    m = cfg.model
+    channels, height, _ = shape
+    return NETS.build(
+        m.net, in_channels=channels, out_channels=channels, model_channels=m.model_channels,
+        channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+        attention_resolutions=tuple(m.attention_resolutions), image_size=height,
+        dropout=m.dropout, head_channels=m.head_channels,
+        num_classes=num_classes if m.class_conditional and num_classes > 1 else None,
+    )
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or resumed-and-finished) run produced."""
+
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> mean loss of that step
+    checkpoint: Path | None = None
+    seconds: float = 0.0
+
+
+class Trainer:
+    """Trains one score model on an in-memory :class:`ImageDataset` (rank ``rank`` of
+    ``world_size``; the global batch is ``train.batch_size * world_size``)."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        dataset: Any,
+        run_dir: str | Path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | None = None,
+        prepare_model: Callable[[nn.Module], nn.Module] | None = None,
+        on_metrics: MetricsFn | None = None,
+        on_checkpoint: CheckpointFn | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.rank, self.world_size = rank, world_size
+        self.device = device or select_device(cfg.train.device)
+        self.on_metrics = on_metrics
+        self.on_checkpoint = on_checkpoint
+        self.progress = progress and rank == 0
+
+        torch.manual_seed(cfg.train.seed)
+        self.loss_fn: DiffusionLoss = build_loss(cfg.diffusion)
+        self.num_classes = int(dataset.num_classes)
+        self.net = build_net(cfg, tuple(dataset.shape), self.num_classes)
+        self.model = self.loss_fn.wrap(self.net).to(self.device)
+        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_lambda(cfg.train.warmup_steps)
+        )
+        self.train_model = prepare_model(self.model) if prepare_model else self.model
+        self.step = 0
+        self.conditional = self.net_is_conditional()
+        self._perm_cache: dict[int, Tensor] = {}
+
+    # ---------------------------------------------------------------- state
+    def net_is_conditional(self) -> bool:
+        return getattr(self.net, "num_classes", None) is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "config": to_dict(self.cfg),
+            "rng": rng,
+            "data": {
+                "shape": list(self.dataset.shape),
+                "num_classes": self.num_classes,
+                "class_names": list(self.dataset.class_names),
+                "content_hash": str(self.dataset.content_hash),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        saved_model = state.get("config", {}).get("model", {})
+        current = to_dict(self.cfg)["model"]
+        diff = [k for k in current if saved_model.get(k, current[k]) != current[k]]
+        if diff:
+            k = diff[0]
+            raise CheckpointError(
+                f"{source}: trained with model.{k}={saved_model[k]!r}, config has {current[k]!r}; "
+                f"use a new experiment name or output_dir"
+            )
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def resume(self) -> Path | None:
+        """Continue from the newest checkpoint in ``run_dir/checkpoints`` if there is one."""
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest is not None:
+            self.load_state_dict(load_checkpoint(latest, map_location=self.device), latest)
+        return latest
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.state_dict(), self.ckpt_dir / checkpoint_name(self.step))
+        prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+    # ---------------------------------------------------------------- data
+    def _epoch_perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.cfg.train.seed * _SEED_STRIDE + epoch)
+            self._perm_cache = {epoch: torch.randperm(len(self.dataset.images), generator=g)}
+        return self._perm_cache[epoch]
+
+    def batch_indices(self, step: int) -> Tensor:
+        """This rank's dataset indices for ``step``: epoch-wise shuffles, deterministic."""
+        n = len(self.dataset.images)
+        gb = self.cfg.train.batch_size * self.world_size
+        pos = torch.arange(step * gb, (step + 1) * gb)
+        epochs, offsets = pos // n, pos % n
+        idx = torch.empty(gb, dtype=torch.long)
+        for e in epochs.unique().tolist():
+            mask = epochs == e
+            idx[mask] = self._epoch_perm(int(e))[offsets[mask]]
+        return idx.view(self.world_size, -1)[self.rank]
+
+    def make_batch(self, step: int) -> dict[str, Tensor]:
+        """x0, noise level, noise and (dropped-out) labels for this rank at ``step``."""
+        cfg = self.cfg.train
+        idx = self.batch_indices(step)
+        x0 = self.dataset.to_float(self.dataset.images[idx])
+        gb = cfg.batch_size * self.world_size
+        g = step_generator(cfg.seed, step, _STREAM_NOISE)
+        level = self.loss_fn.sample_noise_level(gb, g).view(self.world_size, -1)[self.rank]
+        noise = torch.randn((gb,) + tuple(x0.shape[1:]), generator=g)
+        noise = noise.view(self.world_size, -1, *x0.shape[1:])[self.rank]
+        g_aug = step_generator(cfg.seed, step, _STREAM_BATCH)
+        if self.cfg.data.augment == "hflip":
+            flip = (torch.rand(gb, generator=g_aug) < 0.5).view(self.world_size, -1)[self.rank]
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        batch = {"x0": x0, "level": level, "noise": noise}
+        if self.conditional:
+            y = self.dataset.labels[idx].clone()
+            drop = (torch.rand(gb, generator=g_aug) < cfg.label_dropout)
+            y[drop.view(self.world_size, -1)[self.rank]] = self.num_classes  # the null label
+            batch["y"] = y
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------- loop
+    def train_step(self, batch: dict[str, Tensor]) -> tuple[float, float]:
+        self.train_model.train()
+        cond = {"y": batch["y"]} if "y" in batch else {}
+        with autocast(self.cfg.train.precision, self.device):
+            per_sample = self.loss_fn(self.train_model, batch["x0"], batch["level"],
+                                      batch["noise"], **cond)
+        loss = per_sample.float().mean()
+        if not torch.isfinite(loss):
+            latest = latest_checkpoint(self.ckpt_dir)
+            kept = f"last good checkpoint: {latest}" if latest else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at step {self.step + 1}; stopped ({kept})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        return loss.item(), float(grad_norm)
+
+    def _steps(self) -> Iterator[int]:
+        total = self.cfg.train.steps
+        if not self.progress:
+            yield from range(self.step, total)
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, initial=self.step, desc=f"train {self.cfg.name}",
+                  unit="step", dynamic_ncols=True) as bar:
+            for s in range(self.step, total):
+                yield s
+                bar.update(1)
+
+    def fit(self) -> TrainResult:
+        """Train to ``train.steps`` (resuming first), checkpointing atomically along the way."""
+        cfg = self.cfg.train
+        self.resume()
+        result = TrainResult(step=self.step)
+        window: list[float] = []
+        t_start = t_log = time.perf_counter()
+        for s in self._steps():
+            loss, grad_norm = self.train_step(self.make_batch(s))
+            self.step = s + 1
+            result.losses[self.step] = loss
+            window.append(loss)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                now = time.perf_counter()
+                metrics = {
+                    "train/loss": sum(window) / len(window),
+                    "train/grad_norm": grad_norm,
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/steps_per_sec": len(window) / max(now - t_log, 1e-9),
+                }
+                window, t_log = [], now
+                if self.on_metrics and self.rank == 0:
+                    self.on_metrics(self.step, metrics)
+            if self.rank == 0 and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
+                result.checkpoint = self.save()
+                if self.on_checkpoint:
+                    self.on_checkpoint(self.step, result.checkpoint)
+        result.step = self.step
+        result.seconds = time.perf_counter() - t_start
+        if result.checkpoint is None:
+            result.checkpoint = latest_checkpoint(self.ckpt_dir)
+        return result
