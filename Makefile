@@ -1,0 +1,25 @@
+# Two commands do everything from a fresh clone: `make quickstart` and `make test`.
+# Each creates or updates the virtual environment (.venv) first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTHON ?= python3
+
+.PHONY: venv quickstart test bench
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/debiaslab quickstart
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PY) tests/benchmarks/bench_training.py
+	$(PY) tests/benchmarks/bench_sampling.py

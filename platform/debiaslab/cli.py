@@ -1,0 +1,162 @@
+"""`debiaslab` command line: thin subcommands that parse, load the config and call one function."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = False) -> None:
+    p.add_argument("--config", "-c", required=config_required,
+                   help="experiment YAML (configs/experiments/...); defaults apply when omitted")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config, print it resolved, and exit without running")
+
+
+def _load(args: argparse.Namespace):
+    from debiaslab.config import dump_yaml, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dump_yaml(cfg), end="")
+        print("config OK (dry run: nothing was run)")
+    return cfg
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from debiaslab.pipeline import build_data
+
+    cfg = _load(args)
+    if not args.dry_run:
+        build_data(cfg, force=args.force)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from debiaslab.pipeline import build_data, train
+
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    build_data(cfg)
+    if cfg.tracking.enabled:
+        from debiaslab.config import to_dict
+        from debiaslab.tracking import Tracker, ui_hint
+
+        with Tracker(cfg.output_dir, cfg.tracking.experiment,
+                     cfg.tracking.run_name or cfg.name) as tracker:
+            tracker.log_config(to_dict(cfg))
+            result = train(cfg, tracker=tracker)
+        print(f"checkpoint: {result.checkpoint}\nlook: {ui_hint(tracker.tracking_uri)}")
+    else:
+        result = train(cfg)
+        print(f"checkpoint: {result.checkpoint}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from debiaslab.pipeline import sample
+
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    result = sample(cfg, args.checkpoint, out_dir=args.out)
+    for key, path in result.artifacts.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from debiaslab.pipeline import run_experiment
+
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    result = run_experiment(cfg)
+    for key, path in result.artifacts.items():
+        print(f"{key}: {path}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from debiaslab.quickstart import quickstart
+
+    quickstart(output_dir=args.output_dir, overrides=args.overrides, dry_run=args.dry_run)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="debiaslab",
+        description="Debiasing diffusion models: data builds, training, sampling, tracking.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="digits-LT: baseline vs Debias weighting, end to end",
+                       description="Build digits-LT (rho=0.1), train a class-conditional baseline "
+                       "and a Debias-weighted model, sample with two samplers, log to MLflow.")
+    p.add_argument("--output-dir", default="outputs/quickstart", help="where everything goes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override both experiments' config, e.g. --set train.steps=100")
+    p.add_argument("--dry-run", action="store_true", help="validate both configs and exit")
+    p.set_defaults(func=cmd_quickstart)
+
+    data = sub.add_parser("data", help="dataset commands",
+                          description="Build datasets as Parquet shards with a content hash.")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    p = data_sub.add_parser("build", help="build the configured (imbalanced) dataset",
+                            description="Load the source, apply the long-tail or attribute-bias "
+                            "builder, write Parquet shards + dataset.json atomically.")
+    _add_config_args(p)
+    p.add_argument("--force", action="store_true", help="rebuild even if the dataset exists")
+    p.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("train", help="train a score model (single process)",
+                       description="Train the configured score model; resumes from the latest "
+                       "checkpoint in <output_dir>/runs/<name>/checkpoints.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample from a trained checkpoint",
+                       description="Generate images with every configured sampler (per-sample "
+                       "seeds); writes Parquet samples and PNG grids.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", help="checkpoint file or run folder (default: the config's run)")
+    p.add_argument("--out", help="output folder (default: <run>/samples)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("run", help="data build + train + sample in one MLflow run",
+                       description="Run a whole experiment and record it in MLflow.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 2 (no traceback)."""
+    from debiaslab.errors import DebiaslabError
+
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except DebiaslabError as exc:
+        print(f"debiaslab: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("debiaslab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Imbalance builders: pure numpy on label / attribute arrays, returning selected row indices.
+Long tail follows CBDM's canonical recipe (ALGORITHMS.md 4.6); attribute bias follows TIW-DSM."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from debiaslab.errors import DataError
+
+_FLOOR_EPS = 1e-9  # guards floor(P / ratio) against 999.9999999 for exact quotients
+
+
+def _check_imb_factor(imb_factor: float) -> None:
+    if not 0.0 < imb_factor <= 1.0:
+        raise DataError(f"imb_factor (rho) must be in (0, 1], got {imb_factor}")
+
+
+def long_tail_counts(n_max: int, num_classes: int, imb_factor: float) -> list[int]:
+    """Exponential profile n_c = floor(n_max * rho^(c / (C - 1))), c = 0..C-1 (class 0 = head)."""
+    _check_imb_factor(imb_factor)
+    if n_max < 1 or num_classes < 1:
+        raise DataError(f"n_max and num_classes must be >= 1, got {n_max} and {num_classes}")
+    if num_classes == 1:
+        return [int(n_max)]
+    return [int(n_max * imb_factor ** (c / (num_classes - 1))) for c in range(num_classes)]
+
+
+def long_tail_indices(
+    labels: np.ndarray,
+    imb_factor: float,
+    seed: int = 0,
+    n_max: int | None = None,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Indices of a long-tailed subset: one RandomState(seed); for c = 0..C-1 shuffle class c's
+    sorted indices and keep the first n_c. Returned class-major in that order (as in CBDM).
+
+    `n_max` defaults to the smallest class count, so every class can supply its n_c.
+    """
+    _check_imb_factor(imb_factor)
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"long_tail needs a 1-D integer label array, got {labels.dtype}")
+    if len(labels) == 0 or labels.min() < 0:
+        raise DataError("long_tail needs every image to have a class label (found label < 0)")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    if labels.max() >= num_classes:
+        raise DataError(f"label {int(labels.max())} out of range [0, {num_classes})")
+    available = np.bincount(labels, minlength=num_classes)
+    if n_max is None:
+        n_max = int(available.min())
+    counts = long_tail_counts(n_max, num_classes, imb_factor)
+    rng = np.random.RandomState(seed)
+    selected = []
+    for c, n_c in enumerate(counts):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < n_c:
+            raise DataError(f"long_tail: class {c} has {len(idx)} images, needs {n_c}")
+        rng.shuffle(idx)
+        selected.append(idx[:n_c])
+    return np.concatenate(selected).astype(np.int64)
+
+
+def attribute_bias_indices(
+    attribute: np.ndarray,
+    ratio: float,
+    reference_fraction: float,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """TIW-DSM split of a binary attribute: (biased_idx, reference_idx), disjoint and sorted.
+
+    The reference set is balanced 50/50 over the attribute with round(reference_fraction * N)
+    images; from the rest, the largest biased set in which a fraction `ratio` has attribute = 1.
+    """
+    attribute = np.asarray(attribute)
+    if attribute.ndim != 1 or len(attribute) == 0:
+        raise DataError("attribute_bias needs a non-empty 1-D attribute array")
+    if not np.isin(attribute, (0, 1)).all():
+        raise DataError("attribute_bias needs a binary (0/1) attribute")
+    if not 0.0 <= ratio <= 1.0:
+        raise DataError(f"bias_ratio must be in [0, 1], got {ratio}")
+    if not 0.0 < reference_fraction < 1.0:
+        raise DataError(f"reference_fraction must be in (0, 1), got {reference_fraction}")
+    rng = np.random.RandomState(seed)
+    pos = np.flatnonzero(attribute == 1)
+    neg = np.flatnonzero(attribute == 0)
+    rng.shuffle(pos)
+    rng.shuffle(neg)
+    n_ref = int(round(reference_fraction * len(attribute)))
+    n_ref_pos = n_ref // 2
+    n_ref_neg = n_ref - n_ref_pos
+    if n_ref < 2:
+        raise DataError(f"reference_fraction {reference_fraction} gives fewer than 2 images")
+    if n_ref_pos > len(pos) or n_ref_neg > len(neg):
+        raise DataError(
+            f"attribute_bias: a balanced reference of {n_ref} needs {n_ref_pos} + {n_ref_neg} "
+            f"images, available {len(pos)} with attribute=1 and {len(neg)} with attribute=0"
+        )
+    reference = np.concatenate([pos[:n_ref_pos], neg[:n_ref_neg]])
+    rest_pos, rest_neg = pos[n_ref_pos:], neg[n_ref_neg:]
+    limits = []
+    if ratio > 0.0:
+        limits.append(len(rest_pos) / ratio)
+    if ratio < 1.0:
+        limits.append(len(rest_neg) / (1.0 - ratio))
+    total = int(math.floor(min(limits) + _FLOOR_EPS))
+    n_pos = min(int(round(ratio * total)), len(rest_pos))
+    n_neg = min(total - n_pos, len(rest_neg))
+    if n_pos + n_neg == 0:
+        raise DataError(f"attribute_bias: no images left for a biased set with ratio {ratio}")
+    biased = np.concatenate([rest_pos[:n_pos], rest_neg[:n_neg]])
+    return np.sort(biased).astype(np.int64), np.sort(reference).astype(np.int64)

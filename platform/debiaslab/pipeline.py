@@ -1,0 +1,182 @@
+"""Stage functions (data build, train, sample, whole experiment) called by the CLI and jobs/."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from debiaslab.config import ExperimentConfig, dump_yaml, to_dict
+from debiaslab.errors import DataError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GRID_COLUMNS = 10
+
+
+def log(msg: str) -> None:
+    print(f"[debiaslab] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+def build_data(cfg: ExperimentConfig, *, force: bool = False) -> Path:
+    """Build the configured dataset as Parquet shards (reused when it already exists)."""
+    from debiaslab.data.schema import read_manifest
+    from debiaslab.data.sources import build_dataset
+
+    out = cfg.dataset_path
+    if not force and train_data_path(cfg, out).joinpath("dataset.json").is_file():
+        manifest = read_manifest(train_data_path(cfg, out))
+        log(f"dataset {out} exists ({manifest.num_rows} images, hash "
+            f"{manifest.content_hash[:12]}); pass --force to rebuild")
+        return out
+    d = cfg.data
+    options = dict(d.source_options)
+    if d.path:
+        options.setdefault("root", d.path)
+    build_dataset(
+        d.source, out, source_options=options, imbalance=d.imbalance, imb_factor=d.imb_factor,
+        bias_attribute=d.bias_attribute or None, bias_ratio=d.bias_ratio,
+        reference_fraction=d.reference_fraction, seed=d.seed,
+    )
+    manifest = read_manifest(train_data_path(cfg, out))
+    log(f"built {out}: {manifest.num_rows} images, class counts {manifest.class_counts}")
+    return out
+
+
+def train_data_path(cfg: ExperimentConfig, root: Path | None = None) -> Path:
+    """The folder the score model trains on (the biased part for attribute-bias builds)."""
+    from debiaslab.data.sources import BIASED_NAME
+
+    root = root or cfg.dataset_path
+    return root / BIASED_NAME if cfg.data.imbalance == "attribute_bias" else root
+
+
+def load_training_data(cfg: ExperimentConfig) -> Any:
+    from debiaslab.data.dataset import ImageDataset
+
+    path = train_data_path(cfg)
+    if not (path / "dataset.json").is_file():
+        raise DataError(f"{path}: no dataset here; run `debiaslab data build` first")
+    return ImageDataset.load(path)
+
+
+# ------------------------------------------------------------------------------------ train
+
+
+@dataclass
+class StageResult:
+    """Paths and numbers a stage produced (printed by the CLI, asserted by tests)."""
+
+    run_dir: Path
+    checkpoint: Path | None = None
+    mlflow_run_id: str | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) -> StageResult:
+    """Train ``cfg`` on its built dataset in this process (Ray Train reuses the same Trainer)."""
+    from debiaslab.training.loop import Trainer
+
+    dataset = load_training_data(cfg)
+    on_metrics: Callable[[int, dict[str, float]], None] | None = None
+    if tracker is not None:
+        tracker.log_dataset(dataset.content_hash, "train", str(train_data_path(cfg)))
+        on_metrics = tracker.log_metrics
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    trainer = Trainer(cfg, dataset, run_dir, on_metrics=on_metrics, progress=progress)
+    result = trainer.fit()
+    losses = list(result.losses.values())
+    metrics = {"train/final_loss": sum(losses[-50:]) / max(len(losses[-50:]), 1)} if losses else {}
+    if tracker is not None:
+        tracker.set_tag("checkpoint", str(result.checkpoint))
+    return StageResult(run_dir=run_dir, checkpoint=result.checkpoint, metrics=metrics)
+
+
+# ------------------------------------------------------------------------------------ sample
+
+
+def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, tracker: Any = None,
+           out_dir: str | Path | None = None, progress: bool = True) -> StageResult:
+    """Sample with every configured sampler; write images (Parquet), grids and class counts."""
+    import numpy as np
+    import torch
+
+    from debiaslab.data.schema import NO_LABEL, DatasetMeta, write_dataset
+    from debiaslab.report import save_image_grid
+    from debiaslab.sampling import generate, load_trained, sample_labels
+
+    trained = load_trained(checkpoint or cfg.run_dir, use_ema=cfg.sample.use_ema,
+                           device=cfg.train.device)
+    s = cfg.sample
+    out = Path(out_dir) if out_dir else cfg.run_dir / "samples"
+    seeds = list(range(s.seed_start, s.seed_start + s.num_samples))
+    labels = sample_labels(s.labels, trained.num_classes, seeds)
+    if trained.null_label is None:
+        labels = None
+    result = StageResult(run_dir=cfg.run_dir, checkpoint=trained.checkpoint)
+    for name in s.samplers:
+        t0 = time.perf_counter()
+        images = generate(trained, name, seeds, steps=s.steps, labels=labels,
+                          cfg_omega=s.cfg_omega, batch_size=s.batch_size, progress=progress,
+                          options=s.options.get(name, {}))
+        seconds = time.perf_counter() - t0
+        order = torch.argsort(labels, stable=True) if labels is not None else torch.arange(len(seeds))
+        grid = save_image_grid(images[order], out / f"grid_{name}.png", GRID_COLUMNS)
+        uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        lab = labels.numpy() if labels is not None else np.full(len(seeds), NO_LABEL)
+        meta = DatasetMeta(name=f"{cfg.name}-{name}", source=f"samples:{trained.checkpoint}",
+                           class_names=trained.class_names, attr_names=[])
+        write_dataset(out / name, uint8, lab, None, meta, ids=[f"seed{sd:08d}" for sd in seeds])
+        result.artifacts[f"grid_{name}"] = Path(grid)
+        result.artifacts[f"samples_{name}"] = out / name
+        result.metrics[f"sample/{name}/images_per_sec"] = len(seeds) / seconds
+        log(f"{name}: {len(seeds)} images in {seconds:.1f}s -> {grid}")
+        if tracker is not None:
+            tracker.log_artifact(grid, "samples")
+            tracker.log_metrics({f"sample/{name}/images_per_sec": len(seeds) / seconds},
+                                step=trained.step)
+    return result
+
+
+# ------------------------------------------------------------------------------------ whole run
+
+
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResult:
+    """data build -> train -> sample (+ plots), all recorded in one MLflow run."""
+    from debiaslab.report import class_count_figure, save_figure
+    from debiaslab.tracking import Tracker
+
+    build_data(cfg)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker_cm = (Tracker(cfg.output_dir, cfg.tracking.experiment,
+                          cfg.tracking.run_name or cfg.name)
+                  if cfg.tracking.enabled else None)
+    if tracker_cm is None:
+        result = train(cfg, progress=progress)
+        sampled = sample(cfg, result.checkpoint, progress=progress)
+        result.artifacts.update(sampled.artifacts)
+        result.metrics.update(sampled.metrics)
+        return result
+    with tracker_cm as tracker:
+        tracker.log_config(to_dict(cfg))
+        result = train(cfg, tracker=tracker, progress=progress)
+        sampled = sample(cfg, result.checkpoint, tracker=tracker, progress=progress)
+        result.artifacts.update(sampled.artifacts)
+        result.metrics.update(sampled.metrics)
+        dataset = load_training_data(cfg)
+        fig = class_count_figure(dict(zip(dataset.class_names, dataset.class_counts())),
+                                 title=f"{cfg.name}: training images per class")
+        plot = run_dir / "class_counts.png"
+        save_figure(fig, plot)
+        tracker.log_artifact(plot, "plots")
+        result.artifacts["class_counts"] = plot
+        tracker.log_metrics(result.metrics, step=cfg.train.steps)
+        result.mlflow_run_id = tracker.run_id
+    return result

@@ -1,0 +1,272 @@
+"""Tables and plots (matplotlib, Agg canvas, no display) for a run or a comparison of runs."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+FIGSIZE_IN = (6.4, 4.0)
+DEFAULT_DPI = 100
+BAR_GROUP_WIDTH = 0.8
+ROTATE_LABELS_ABOVE = 10  # rotate x tick labels when there are more classes than this
+CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+# ---------------------------------------------------------------------------- image grids
+def _to_numpy(images: Any) -> np.ndarray:
+    if hasattr(images, "detach"):  # torch.Tensor, without importing torch here
+        images = images.detach().cpu()
+        if str(images.dtype) != "torch.uint8":
+            images = images.float()
+        images = images.numpy()
+    return np.asarray(images)
+
+
+def to_uint8(images: Any) -> np.ndarray:
+    """uint8 images unchanged; any other dtype read as [-1, 1] and mapped to round(127.5 (x+1))."""
+    array = _to_numpy(images)
+    if array.dtype == np.uint8:
+        return array
+    array = np.nan_to_num(array.astype(np.float64), nan=-1.0, posinf=1.0, neginf=-1.0)
+    return np.floor((array + 1.0) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def image_grid(
+    images: Any, nrow: int = 8, padding: int = 2, pad_value: int = 0, scale: int = 1
+) -> np.ndarray:
+    """Tile images [N,C,H,W] (or one [C,H,W]) into a uint8 array [H', W', C].
+
+    Floats are read as [-1, 1], uint8 as is. Like torchvision's make_grid: `nrow` images per row,
+    `padding` pixels of `pad_value` around and between tiles; `scale` upsamples each pixel
+    (nearest neighbour) before tiling, e.g. 4 for 8x8 digits.
+    """
+    array = to_uint8(images)
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[0] == 0:
+        raise ValueError(f"expected images [N,C,H,W] with N >= 1, got shape {array.shape}")
+    if array.shape[1] not in CHANNEL_MODES:
+        raise ValueError(f"expected 1, 3 or 4 channels, got shape {array.shape}")
+    if nrow < 1 or padding < 0 or scale < 1:
+        raise ValueError(f"need nrow >= 1, padding >= 0, scale >= 1: {nrow}, {padding}, {scale}")
+    if scale > 1:
+        array = array.repeat(scale, axis=2).repeat(scale, axis=3)
+    count, channels, height, width = array.shape
+    cols = min(nrow, count)
+    rows = math.ceil(count / cols)
+    cell_h, cell_w = height + padding, width + padding
+    grid = np.full(
+        (rows * cell_h + padding, cols * cell_w + padding, channels), pad_value, dtype=np.uint8
+    )
+    for index in range(count):
+        top = (index // cols) * cell_h + padding
+        left = (index % cols) * cell_w + padding
+        grid[top : top + height, left : left + width] = array[index].transpose(1, 2, 0)
+    return grid
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    return Path(tmp)
+
+
+def save_image_grid(
+    images: Any, path: str | os.PathLike[str], nrow: int = 8, padding: int = 2, scale: int = 1
+) -> Path:
+    """Write `image_grid(images, ...)` as a PNG at `path` (temp name, then rename)."""
+    from PIL import Image
+
+    grid = image_grid(images, nrow=nrow, padding=padding, scale=scale)
+    channels = grid.shape[2]
+    picture = Image.fromarray(grid[:, :, 0] if channels == 1 else grid, CHANNEL_MODES[channels])
+    target = Path(path)
+    tmp = _atomic_target(target)
+    try:
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+# -------------------------------------------------------------------------------- figures
+def _new_figure(figsize: tuple[float, float] = FIGSIZE_IN) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, dpi=DEFAULT_DPI)
+    FigureCanvasAgg(fig)  # attaches itself; no pyplot, no global figure registry, no display
+    return fig
+
+
+def _as_count_dict(counts: Mapping[Any, int] | Sequence[int]) -> dict[str, int]:
+    if isinstance(counts, Mapping):
+        return {str(k): int(v) for k, v in counts.items()}
+    return {str(i): int(v) for i, v in enumerate(counts)}
+
+
+def class_count_figure(
+    counts: Mapping[Any, int] | Sequence[int],
+    title: str = "class counts",
+    log_scale: bool = False,
+    second_counts: Mapping[Any, int] | Sequence[int] | None = None,
+    labels: tuple[str, str] = ("dataset", "samples"),
+) -> Figure:
+    """Bar chart of per-class counts (a dict class -> count, or a list indexed by class).
+
+    With `second_counts`, bars stand side by side (e.g. dataset vs generated samples), over the
+    union of classes in first-seen order; a class missing from one side counts 0.
+    """
+    first = _as_count_dict(counts)
+    second = _as_count_dict(second_counts) if second_counts is not None else None
+    classes = list(first) + [k for k in (second or {}) if k not in first]
+    series = [(labels[0], first)] + ([(labels[1], second)] if second is not None else [])
+    width = BAR_GROUP_WIDTH / len(series)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    positions = np.arange(len(classes), dtype=float)
+    for offset, (label, values) in enumerate(series):
+        shift = (offset - (len(series) - 1) / 2) * width
+        heights = [values.get(c, 0) for c in classes]
+        ax.bar(positions + shift, heights, width=width, label=label)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(classes, rotation=90 if len(classes) > ROTATE_LABELS_ABOVE else 0)
+    ax.set_xlabel("class")
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    if log_scale:
+        ax.set_yscale("log")
+    if second is not None:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve_figure(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    title: str = "training loss",
+    log_scale: bool = False,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+) -> Figure:
+    """Line plot of named curves, each `(steps, values)`."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, (steps, values) in curves.items():
+        ax.plot(np.asarray(steps, dtype=float), np.asarray(values, dtype=float), label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log_scale:
+        ax.set_yscale("log")
+    if curves:
+        ax.legend()
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = DEFAULT_DPI) -> Path:
+    """Save `fig` at `path` (format from the suffix, default PNG) via a temp name and a rename."""
+    target = Path(path)
+    fmt = target.suffix.lstrip(".").lower() or "png"
+    tmp = _atomic_target(target)
+    try:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------------- tables
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, bool)
+
+
+def _cell(value: Any, floatfmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    if _is_number(value):
+        return format(float(value), floatfmt)
+    return str(value).replace("\n", " ")
+
+
+def _columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> list[str]:
+    if columns is not None:
+        return list(columns)
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def _table_cells(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None, floatfmt: str
+) -> tuple[list[str], list[list[str]], list[bool]]:
+    names = _columns(rows, columns)
+    cells = [[_cell(row.get(name), floatfmt) for name in names] for row in rows]
+    numeric = [
+        any(row.get(n) is not None for row in rows)
+        and all(row.get(n) is None or _is_number(row.get(n)) for row in rows)
+        for n in names
+    ]
+    return names, cells, numeric
+
+
+def format_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".4g"
+) -> str:
+    """Plain-text table: header, dashes, rows; two spaces between columns, numbers right-aligned.
+
+    `columns` picks and orders the columns (default: keys in first-seen order); missing cells and
+    None are blank; floats use `floatfmt`.
+    """
+    names, cells, numeric = _table_cells(rows, columns, floatfmt)
+    widths = [max([len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+        ]
+        return "  ".join(parts).rstrip()
+
+    lines = [line(names), line(["-" * w for w in widths])] + [line(r) for r in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, floatfmt: str = ".4g"
+) -> str:
+    """GitHub-flavoured Markdown table, padded to align in plain text; numbers right-aligned."""
+    names, cells, numeric = _table_cells(rows, columns, floatfmt)
+    names = [n.replace("|", "\\|") for n in names]
+    cells = [[c.replace("|", "\\|") for c in r] for r in cells]
+    widths = [max([3, len(n)] + [len(r[i]) for r in cells]) for i, n in enumerate(names)]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)
+        ]
+        return "| " + " | ".join(parts) + " |"
+
+    rule = "|" + "|".join(
+        "-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric)
+    ) + "|"
+    return "\n".join([line(names), rule] + [line(r) for r in cells])
