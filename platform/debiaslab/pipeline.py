@@ -85,7 +85,7 @@ def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) 
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     if tracker is not None:
         tracker.log_dataset(dataset.content_hash, "train", str(train_data_path(cfg)))
-        on_metrics = tracker.log_metrics
+        on_metrics = lambda step, metrics: tracker.log_metrics(metrics, step)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))

@@ -259,8 +259,9 @@ def edm_heun(
     sigmas of Eq. 5 (``karras_sigmas``), in VE units x = x_t/alpha_t with D = denoise_edm:
       gamma_i = min(S_churn/N, sqrt(2)-1) if S_min <= sigma_i <= S_max else 0,
       sigma_hat = (1 + gamma_i) sigma_i, x_hat = x_i + sqrt(sigma_hat^2 - sigma_i^2) S_noise z,
-      d_i = (x_hat - D(x_hat; sigma_hat))/sigma_hat, x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d_i,
-      and, unless sigma_{i+1} = 0, the Heun correction with d'_i at (x_{i+1}, sigma_{i+1}).
+      d_i = (x_hat - D(x_hat; sigma_hat))/sigma_hat,
+      x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d_i, and, unless sigma_{i+1} = 0, the Heun
+      correction x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat)(d_i + d'_i)/2, d'_i at x_{i+1}.
     x_N = sigma_max z; returns x at sigma = 0 (where VE and VP coincide). With S_churn > 0 one
     noise draw per step (NVlabs/edm's order).
     """

@@ -77,7 +77,7 @@ class VPSchedule:
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
         """Continuous timestep whose sigma_edm equals ``sigma`` (log-sigma interpolation)."""
         log_sigmas = self.sigmas_edm.log()
-        log_sigma = torch.as_tensor(sigma, dtype=torch.float64).log().reshape(-1)
+        log_sigma = torch.as_tensor(sigma, dtype=torch.float64, device="cpu").log().reshape(-1)
         log_sigma = log_sigma.clamp(log_sigmas[0], log_sigmas[-1])
         hi = torch.searchsorted(log_sigmas, log_sigma).clamp(1, self.num_timesteps - 1)
         lo = hi - 1

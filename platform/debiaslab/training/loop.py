@@ -67,8 +67,8 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for e, p in zip(self.shadow.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
+        shadow = list(self.shadow.parameters())
+        torch._foreach_lerp_(shadow, [p.detach() for p in model.parameters()], 1.0 - d)
         for e, b in zip(self.shadow.buffers(), model.buffers()):
             e.copy_(b)
 
