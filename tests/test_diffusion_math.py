@@ -13,7 +13,14 @@ from debiaslab.diffusion.schedules import build_schedule, karras_sigmas
 from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
 from debiaslab.errors import ConfigError
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,15 @@ class RecordingDenoiser(Denoiser):
         return self.inner(x_t, t, **cond)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def float32_default() -> Iterator[None]:
+    """These tests compare float32 runs; other test modules may change the global default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    yield
+    torch.set_default_dtype(previous)
+
+
 @pytest.fixture(scope="module")
 def schedules() -> dict[str, VPSchedule]:
     return {name: build_schedule(name) for name in ("linear", "cosine")}
@@ -163,7 +172,7 @@ def test_sample_noise_rows_match_diffusers_randn_tensor_with_generator_list() ->
     noise = SampleNoise(SEEDS, SHAPE)
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     for _ in range(2):  # x_T, then one step's draw
-        ref = randn_tensor((len(SEEDS),) + SHAPE, generator=gens)
+        ref = randn_tensor((len(SEEDS),) + SHAPE, generator=gens, dtype=torch.float32)
         assert torch.equal(noise.draw(), ref)
     row = torch.randn(SHAPE, generator=torch.Generator().manual_seed(SEEDS[2]))
     assert torch.equal(SampleNoise([SEEDS[2]], SHAPE).draw()[0], row)
@@ -190,7 +199,7 @@ def _diffusers_reference(kind: str, schedule_name: str, net: nn.Module, steps: i
         scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
                                                 **common)
     scheduler.set_timesteps(steps)
-    x = randn_tensor((len(SEEDS),) + SHAPE, generator=gens)
+    x = randn_tensor((len(SEEDS),) + SHAPE, generator=gens, dtype=torch.float32)
     with torch.no_grad():
         for t in scheduler.timesteps:
             eps = net(x, t.expand(len(x)).to(torch.float32))
@@ -321,6 +330,16 @@ def test_samples_independent_of_batching_and_order(eps_models: dict[str, VPDenoi
     torch.testing.assert_close(batched, full, atol=1e-6, rtol=0)
     torch.testing.assert_close(permuted, full[perm], atol=1e-6, rtol=0)
     assert not torch.allclose(full[0], full[1])
+
+
+@pytest.mark.parametrize("name", ["ddim", "edm_heun"])
+def test_float64_network_samples_in_float64_from_the_same_noise(
+        schedules: dict[str, VPSchedule], eps_models: dict[str, VPDenoiser], name: str) -> None:
+    net64 = EpsNet(schedules["linear"].alphas_cumprod).double()
+    x64 = sample(name, VPDenoiser(net64, schedules["linear"]), SEEDS, SHAPE, steps=10)
+    x32 = sample(name, eps_models["linear"], SEEDS, SHAPE, steps=10)
+    assert x64.dtype == torch.float64 and x32.dtype == torch.float32
+    assert (x64 - x32.double()).abs().max().item() < DIFFUSERS_TOL
 
 
 def test_per_sample_cond_is_split_with_the_seeds(eps_models: dict[str, VPDenoiser]) -> None:

@@ -11,7 +11,7 @@ import math
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from debiaslab.diffusion.denoiser import Denoiser
@@ -20,9 +20,8 @@ from debiaslab.diffusion.schedules import karras_sigmas
 from debiaslab.errors import ConfigError
 from debiaslab.registry import Registry
 
-SAMPLERS: Registry = Registry("sampler")
-
 SamplerFn = Callable[..., Tensor]
+SAMPLERS: Registry[SamplerFn] = Registry("sampler")
 
 COMMON_ARGS = ("denoiser", "seeds", "shape", "steps", "cond", "device", "progress")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
@@ -45,15 +44,19 @@ def _check_steps(steps: int, upper: int | None = None) -> None:
         raise ConfigError(f"sampling steps must be in {bound}, got {steps}")
 
 
-def _resolve_device(denoiser: Denoiser, device: torch.device | str | None) -> torch.device:
-    """The given device, else the device of the denoiser's network parameters, else CPU."""
-    if device is not None:
-        return torch.device(device)
+def _resolve_device_dtype(denoiser: Denoiser, device: torch.device | str | None
+                          ) -> tuple[torch.device, torch.dtype]:
+    """Device: the given one, else that of the denoiser's network parameters, else CPU.
+    Dtype of the sampling state: float64 for a float64 network, else float32 (low-precision
+    networks are expected to run under autocast; the state stays float32)."""
+    param = None
     net = getattr(denoiser, "net", None)
-    try:
-        return next(net.parameters()).device  # type: ignore[union-attr]
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
+    if isinstance(net, nn.Module):
+        param = next(net.parameters(), None)
+    dtype = torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
+    if device is not None:
+        return torch.device(device), dtype
+    return (param.device if param is not None else torch.device("cpu")), dtype
 
 
 def _prepare(denoiser: Denoiser, seeds: Sequence[int], shape: Sequence[int],
@@ -63,8 +66,8 @@ def _prepare(denoiser: Denoiser, seeds: Sequence[int], shape: Sequence[int],
         raise ConfigError("sampling needs at least one seed")
     if len(shape) != 3:
         raise ConfigError(f"sample shape must be (C, H, W), got {tuple(shape)}")
-    dev = _resolve_device(denoiser, device)
-    noise = SampleNoise(seeds, tuple(shape), device=dev)
+    dev, dtype = _resolve_device_dtype(denoiser, device)
+    noise = SampleNoise(seeds, tuple(shape), device=dev, dtype=dtype)
     cond = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
     return dev, noise, cond
 
