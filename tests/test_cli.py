@@ -84,3 +84,12 @@ def test_run_end_to_end_records_mlflow(tmp_path, capsys):
     assert main(["sample", "-c", str(run_dir / "config.yaml"), "--out", str(tmp_path / "s2"),
                  "--set", "sample.samplers=[ddpm]"]) == 0
     assert (tmp_path / "s2" / "grid_ddpm.png").is_file()
+
+
+@pytest.mark.parametrize("job", ["build_data", "train", "sample", "pipeline"])
+def test_job_entry_points_dry_run(job, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, f"jobs/{job}.py", "-c", "configs/experiments/digits_lt_baseline.yaml",
+         "--set", f"output_dir={tmp_path}", "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "config OK" in proc.stdout

@@ -143,3 +143,13 @@ def test_losses_decrease_on_digits(tmp_path, digits_lt):
     first = sum(res.losses[s] for s in range(1, 6)) / 5
     last = sum(res.losses[s] for s in range(56, 61)) / 5
     assert math.isfinite(last) and last < 0.6 * first
+
+
+def test_mixed_precision_path_runs(tmp_path, digits_lt):
+    """bf16 autocast (the GPU default) also runs on CPU; losses stay finite and close to fp32."""
+    res16 = Trainer(tiny_cfg(tmp_path / "bf16", "train.steps=3", "train.precision=bf16"),
+                    digits_lt, tmp_path / "bf16", progress=False).fit()
+    res32 = Trainer(tiny_cfg(tmp_path / "fp32", "train.steps=3", "train.precision=fp32"),
+                    digits_lt, tmp_path / "fp32", progress=False).fit()
+    assert all(math.isfinite(v) for v in res16.losses.values())
+    assert res16.losses[1] == pytest.approx(res32.losses[1], rel=0.05)

@@ -62,14 +62,19 @@ class EMA:
         self.decay = decay
         self.num_updates = 0
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self._shadow_params = list(self.shadow.parameters())
+        self._shadow_buffers = list(self.shadow.buffers())
+        self._tracked: nn.Module | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        shadow = list(self.shadow.parameters())
-        torch._foreach_lerp_(shadow, [p.detach() for p in model.parameters()], 1.0 - d)
-        for e, b in zip(self.shadow.buffers(), model.buffers()):
+        if self._tracked is not model:  # cache the parameter lists: this runs every step
+            self._tracked, self._params = model, list(model.parameters())
+            self._buffers = list(model.buffers())
+        torch._foreach_lerp_(self._shadow_params, self._params, 1.0 - d)
+        for e, b in zip(self._shadow_buffers, self._buffers):
             e.copy_(b)
 
     def state_dict(self) -> dict[str, Any]:
@@ -151,6 +156,7 @@ class Trainer:
             self.optimizer, warmup_lambda(cfg.train.warmup_steps)
         )
         self.train_model = prepare_model(self.model) if prepare_model else self.model
+        self._params = list(self.model.parameters())
         self.step = 0
         self.conditional = self.net_is_conditional()
         self._perm_cache: dict[int, Tensor] = {}
@@ -268,7 +274,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model)
