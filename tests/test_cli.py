@@ -93,3 +93,48 @@ def test_job_entry_points_dry_run(job, tmp_path):
          "--set", f"output_dir={tmp_path}", "--dry-run"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "config OK" in proc.stdout
+
+
+def test_quickstart_end_to_end_tiny(tmp_path, capsys):
+    """The main job, shrunk: both experiments, both samplers, comparison figure, MLflow runs."""
+    from mlflow import MlflowClient
+
+    argv = ["quickstart", "--output-dir", str(tmp_path), *sets(TINY)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri" in out and "comparison.png" in out
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.params["diffusion.weighting"] for r in runs) == ["constant", "debias"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_sigterm_during_training_ends_run_killed(tmp_path):
+    """A real SIGTERM mid-training: exit 143, one-line message, MLflow run KILLED, checkpoint kept."""
+    import signal
+    import time
+
+    from mlflow import MlflowClient
+
+    argv = [sys.executable, "-m", "debiaslab.cli", "train", *sets(
+        TINY + [f"output_dir={tmp_path}", "train.steps=100000", "train.checkpoint_every=3",
+                "tracking.experiment=sigterm"])]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    ckpts = tmp_path / "runs" / "experiment" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(ckpts.glob("ckpt_*.pt")):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "Traceback" not in err and "terminated by signal 15" in err
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
+    assert run.info.status == "KILLED"
+    from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
+
+    assert load_checkpoint(latest_checkpoint(ckpts))["step"] % 3 == 0

@@ -148,3 +148,21 @@ def test_markdown_table_golden() -> None:
         "| cbdm     |  9.87 |        |   50 |"
     )
     assert markdown_table([{"a|b": "x|y"}]) == "| a\\|b |\n|------|\n| x\\|y |"
+
+
+def test_image_panels_figure_saves_png(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from debiaslab.report import image_panels_figure, save_figure
+
+    grid = np.zeros((20, 30, 1), dtype=np.uint8)
+    grid[:, 15:] = 255
+    fig = image_panels_figure({"a": grid, "b": np.full((1, 1, 4, 4), 0.5)}, title="t")
+    assert len(fig.axes) == 2 and fig.axes[0].get_title() == "a"
+    path = save_figure(fig, tmp_path / "p.png")
+    assert Image.open(path).size[0] > 100
+    import pytest
+
+    with pytest.raises(ValueError):
+        image_panels_figure({})

@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2 (no traceback)."""
     from debiaslab.errors import DebiaslabError
+    from debiaslab.tracking import Killed
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("debiaslab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Killed as exc:  # SIGTERM: the MLflow run was already ended as KILLED
+        print(f"debiaslab: terminated by signal {exc.signum}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from debiaslab.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRID_COLUMNS = 10
+GRID_SCALE = 2  # 16x16 digits are easier to read enlarged
 
 
 def log(msg: str) -> None:
@@ -127,7 +128,8 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
                           options=s.options.get(name, {}))
         seconds = time.perf_counter() - t0
         order = torch.argsort(labels, stable=True) if labels is not None else torch.arange(len(seeds))
-        grid = save_image_grid(images[order], out / f"grid_{name}.png", GRID_COLUMNS)
+        grid = save_image_grid(images[order], out / f"grid_{name}.png", GRID_COLUMNS,
+                               scale=GRID_SCALE)
         uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         lab = labels.numpy() if labels is not None else np.full(len(seeds), NO_LABEL)
         meta = DatasetMeta(name=f"{cfg.name}-{name}", source=f"samples:{trained.checkpoint}",

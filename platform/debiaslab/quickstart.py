@@ -33,6 +33,7 @@ def quickstart(output_dir: str | Path = "outputs/quickstart", overrides: list[st
         log(f"experiment {cfg.name}: weighting={cfg.diffusion.weighting}, "
             f"{cfg.train.steps} steps, samplers {', '.join(cfg.sample.samplers)}")
         results[cfg.name] = run_experiment(cfg)
+    comparison = save_comparison(results, Path(configs[0].output_dir) / "comparison.png")
     uri = resolve_tracking_uri(configs[0].output_dir)
     print("\nquickstart finished. Where to look:")
     for name, res in results.items():
@@ -41,6 +42,24 @@ def quickstart(output_dir: str | Path = "outputs/quickstart", overrides: list[st
             if key.startswith(("grid_", "class_counts")):
                 print(f"    {key}: {path}")
         print(f"    MLflow run id: {res.mlflow_run_id}")
+    print(f"  side by side: {comparison}")
     print(f"  MLflow tracking URI: {uri}")
     print(f"  browse the runs: {ui_hint(uri)}")
     return results
+
+
+def save_comparison(results: dict[str, StageResult], path: Path) -> Path:
+    """One figure with every model x sampler grid, for a look at both models at once."""
+    import numpy as np
+    from PIL import Image
+
+    from debiaslab.report import image_panels_figure, save_figure
+
+    panels = {}
+    for name, res in results.items():
+        for key, grid in sorted(res.artifacts.items()):
+            if key.startswith("grid_"):
+                image = np.asarray(Image.open(grid).convert("L"))[..., None]
+                panels[f"{name} / {key[len('grid_'):]}"] = image
+    fig = image_panels_figure(panels, title="digits-LT samples (rows: classes 0-9)")
+    return save_figure(fig, path)

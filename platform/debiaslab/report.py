@@ -103,6 +103,9 @@ def save_image_grid(
 
 
 # -------------------------------------------------------------------------------- figures
+PANEL_SIZE_IN = 4.0
+
+
 def _new_figure(figsize: tuple[float, float] = FIGSIZE_IN) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -151,6 +154,31 @@ def class_count_figure(
         ax.set_yscale("log")
     if second is not None:
         ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def image_panels_figure(panels: Mapping[str, Any], title: str = "", columns: int = 2) -> Figure:
+    """Several image grids side by side, each titled (e.g. model x sampler in the quickstart).
+
+    `panels` maps a title to an image or grid (uint8 HxWxC, or anything `image_grid` accepts).
+    """
+    if not panels:
+        raise ValueError("image_panels_figure needs at least one panel")
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    fig = _new_figure((PANEL_SIZE_IN * columns, PANEL_SIZE_IN * rows + 0.4))
+    for i, (name, image) in enumerate(panels.items()):
+        arr = np.asarray(image)
+        if not (arr.ndim == 3 and arr.dtype == np.uint8 and arr.shape[-1] in (1, 3, 4)):
+            arr = image_grid(image)
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(arr[..., 0] if arr.shape[-1] == 1 else arr, cmap="gray", vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
