@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
         "model.head_channels=16", "train.batch_size=16", "train.steps=12",
         "train.log_every=4", "train.checkpoint_every=6", "train.device=cpu",
-        "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20"]
+        "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20",
+        "metrics.bootstrap=20"]
 
 
 def sets(items):

@@ -63,6 +63,8 @@ def test_literal_lists_allowed_values():
     ("diffusion.weighting_params={foo: 1}", "diffusion.weighting_params"),
     ("data.source=imagenet", "data.source"),
     ("sample.steps=5000", "sample.steps: must be <="),
+    ("metrics.extractor=clip", "metrics.extractor: unknown feature extractor"),
+    ("metrics.k=0", "metrics.k: must be > 0"),
     ("train", "must look like key.path=value"),
 ])
 def test_bad_values_are_one_line_errors(override, fragment):

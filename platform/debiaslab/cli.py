@@ -76,6 +76,55 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from debiaslab.config import to_dict
+    from debiaslab.pipeline import (
+        EVAL_TABLE_COLUMNS, eval_row, evaluate_samples, reference_path, sample,
+    )
+    from debiaslab.report import format_table
+
+    if args.reference:
+        args.overrides.append(f"metrics.reference={args.reference}")
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    if not args.samples and not args.checkpoint:
+        from debiaslab.errors import ConfigError
+
+        raise ConfigError("evaluate needs --samples PATH or --checkpoint PATH")
+    reference_path(cfg)  # fail fast on a bad reference, before any sampling
+    sample_sets: dict[str, object] = {}
+    if args.samples:
+        sample_sets[args.name or "samples"] = args.samples
+    else:
+        sampled = sample(cfg, args.checkpoint, out_dir=args.out)
+        for key, path in sampled.artifacts.items():
+            if key.startswith("samples_"):
+                sample_sets[key[len("samples_"):]] = path
+
+    def run(tracker=None) -> list[dict]:
+        rows = []
+        for name, samples in sample_sets.items():
+            ev = evaluate_samples(cfg, samples, tracker=tracker, name=name, progress=True,
+                                  out_dir=args.out)
+            rows.append(eval_row(name, ev))
+            print(f"{name}: extractor {ev.meta['extractor']}, reference "
+                  f"{ev.meta['reference_name']} ({ev.meta['reference_images']} images)")
+        return rows
+
+    if cfg.tracking.enabled:
+        from debiaslab.tracking import Tracker
+
+        with Tracker(cfg.output_dir, cfg.tracking.experiment,
+                     cfg.tracking.run_name or f"eval-{cfg.name}") as tracker:
+            tracker.log_config(to_dict(cfg))
+            rows = run(tracker)
+    else:
+        rows = run()
+    print(format_table(rows, EVAL_TABLE_COLUMNS))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from debiaslab.pipeline import run_experiment
 
@@ -135,7 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: <run>/samples)")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("run", help="data build + train + sample in one MLflow run",
+    p = sub.add_parser("evaluate", help="quality and fairness metrics of a sample set",
+                       description="Compute FID, KID, precision/recall, density/coverage, "
+                       "per-class FID/recall (head vs tail), fairness discrepancy and minority "
+                       "metrics against a reference set; logs eval/... metrics, a JSON and "
+                       "plots to MLflow and prints a table.")
+    _add_config_args(p)
+    p.add_argument("--samples", help="dataset folder, image folder (one subfolder per class) "
+                   "or .parquet file of samples")
+    p.add_argument("--checkpoint", help="sample from this checkpoint/run with the config's "
+                   "sample settings, then evaluate")
+    p.add_argument("--reference", help="reference dataset folder (default: metrics.reference, "
+                   "else the source's full balanced set)")
+    p.add_argument("--name", help="label for the sample set in tables and metric names")
+    p.add_argument("--out", help="output folder for eval JSON and plots (default: <run>/eval)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="data build + train + sample + evaluate in one MLflow run",
                        description="Run a whole experiment and record it in MLflow.")
     _add_config_args(p)
     p.set_defaults(func=cmd_run)

@@ -101,6 +101,22 @@ class SampleConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Evaluation protocol (ALGORITHMS.md §6): extractor, reference set and metric settings."""
+
+    extractor: str = "digits"
+    inception_weights: str = ""
+    reference: str = ""  # dataset folder; default: the source's full balanced set
+    k: int = 5
+    lof_k: int = 20
+    head_fraction: float = 0.5
+    bootstrap: int = 200
+    kid_subset_size: int = 1000
+    batch_size: int = 256
+    seed: int = 0
+
+
+@dataclass
 class TrackingConfig:
     """MLflow: experiment and run names (embedded SQLite store unless MLFLOW_TRACKING_URI)."""
 
@@ -120,6 +136,7 @@ class ExperimentConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -297,6 +314,7 @@ def validate(cfg: ExperimentConfig) -> None:
     from debiaslab.diffusion.samplers import SAMPLERS
     from debiaslab.diffusion.schedules import SCHEDULES
     from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
+    from debiaslab.metrics.features import register_builtin_extractors
     from debiaslab.nets import NETS
     import debiaslab.methods  # noqa: F401  (registers method components)
 
@@ -307,6 +325,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("diffusion.target", cfg.diffusion.target, TARGETS),
         ("diffusion.weighting", cfg.diffusion.weighting, WEIGHTINGS),
         ("diffusion.loss", cfg.diffusion.loss, LOSSES),
+        ("metrics.extractor", cfg.metrics.extractor, register_builtin_extractors()),
     ] + [(f"sample.samplers[{i}]", s, SAMPLERS) for i, s in enumerate(cfg.sample.samplers)]
     for key, value, registry in checks:
         if value not in registry:
@@ -326,7 +345,9 @@ def validate(cfg: ExperimentConfig) -> None:
         "sample.steps": cfg.sample.steps, "sample.num_samples": cfg.sample.num_samples,
         "sample.batch_size": cfg.sample.batch_size, "model.model_channels": cfg.model.model_channels,
         "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
-        "data.imb_factor": cfg.data.imb_factor,
+        "data.imb_factor": cfg.data.imb_factor, "metrics.k": cfg.metrics.k,
+        "metrics.lof_k": cfg.metrics.lof_k, "metrics.batch_size": cfg.metrics.batch_size,
+        "metrics.kid_subset_size": cfg.metrics.kid_subset_size,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -336,10 +357,13 @@ def validate(cfg: ExperimentConfig) -> None:
         "model.dropout": cfg.model.dropout, "data.imb_factor": cfg.data.imb_factor,
         "data.bias_ratio": cfg.data.bias_ratio,
         "data.reference_fraction": cfg.data.reference_fraction,
+        "metrics.head_fraction": cfg.metrics.head_fraction,
     }
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if cfg.metrics.bootstrap < 0:
+        raise ConfigError(f"metrics.bootstrap: must be >= 0, got {cfg.metrics.bootstrap}")
     if cfg.train.warmup_steps < 0 or cfg.train.grad_clip < 0 or cfg.sample.cfg_omega < 0:
         raise ConfigError("train.warmup_steps, train.grad_clip and sample.cfg_omega must be >= 0")
     if cfg.sample.steps > cfg.diffusion.num_timesteps:

@@ -76,6 +76,7 @@ class StageResult:
     mlflow_run_id: str | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluations: dict[str, Any] = field(default_factory=dict)  # sampler -> Evaluation
 
 
 def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) -> StageResult:
@@ -146,6 +147,89 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
     return result
 
 
+# ------------------------------------------------------------------------------------ evaluate
+
+EVAL_TABLE_COLUMNS = ["samples", "fid", "kid", "precision", "recall", "density", "coverage",
+                      "head_fid", "tail_fid", "head_recall", "tail_recall", "fd_class",
+                      "avg_knn", "lof", "rarity"]
+
+
+def reference_path(cfg: ExperimentConfig) -> Path:
+    """The evaluation reference: ``metrics.reference`` or the source's full, balanced set
+    (built on first use, e.g. all 1,797 digits)."""
+    from debiaslab.config import DataConfig, dataset_key
+    from debiaslab.data.sources import build_dataset
+
+    if cfg.metrics.reference:
+        path = Path(cfg.metrics.reference).resolve()
+        if not (path / "dataset.json").is_file():
+            raise DataError(f"{path}: metrics.reference is not a dataset folder (no dataset.json)")
+        return path
+    full = DataConfig(source=cfg.data.source, path=cfg.data.path,
+                      source_options=dict(cfg.data.source_options), imbalance="none",
+                      seed=cfg.data.seed)
+    path = Path(cfg.output_dir).resolve() / "data" / f"{dataset_key(full)}-reference"
+    if not (path / "dataset.json").is_file():
+        options = dict(full.source_options)
+        if full.path:
+            options.setdefault("root", full.path)
+        build_dataset(full.source, path, source_options=options, imbalance="none",
+                      seed=full.seed)
+        log(f"built reference set {path}")
+    return path
+
+
+def build_metric_extractor(cfg: ExperimentConfig) -> Any:
+    from debiaslab.metrics.features import build_extractor
+
+    options: dict[str, Any] = {}
+    if cfg.metrics.extractor == "inception" and cfg.metrics.inception_weights:
+        options["weights_path"] = cfg.metrics.inception_weights
+    return build_extractor(cfg.metrics.extractor, **options)
+
+
+def evaluate_samples(cfg: ExperimentConfig, samples: Any, *, extractor: Any = None,
+                     tracker: Any = None, name: str = "samples", progress: bool = False,
+                     out_dir: Path | None = None) -> Any:
+    """Evaluate a SampleSet (or a path to one) with cfg.metrics; write eval JSON and plots."""
+    from debiaslab.metrics.evaluate import SampleSet, evaluate, load_samples, save_evaluation
+    from debiaslab.report import evaluation_figures, save_figure
+
+    extractor = extractor or build_metric_extractor(cfg)
+    if not isinstance(samples, SampleSet):
+        samples = load_samples(samples, getattr(extractor, "input_shape", None))
+    class_counts = None
+    train_manifest = train_data_path(cfg) / "dataset.json"
+    if train_manifest.is_file():
+        from debiaslab.data.schema import read_manifest
+
+        class_counts = list(read_manifest(train_data_path(cfg)).class_counts)
+    m = cfg.metrics
+    ev = evaluate(samples, reference_path(cfg), extractor, k=m.k, lof_k=m.lof_k,
+                  head_fraction=m.head_fraction, class_counts=class_counts,
+                  bootstrap=m.bootstrap, kid_subset_size=m.kid_subset_size,
+                  batch_size=m.batch_size, seed=m.seed, progress=progress)
+    out = Path(out_dir) if out_dir else cfg.run_dir / "eval"
+    json_path = save_evaluation(ev, out / f"eval_{name}.json")
+    figures = {}
+    for fig_name, fig in evaluation_figures(ev, title=f"{cfg.name} / {name}").items():
+        figures[fig_name] = save_figure(fig, out / f"{fig_name}_{name}.png")
+    if tracker is not None:
+        tracker.log_artifact(json_path, "eval")
+        for path in figures.values():
+            tracker.log_artifact(path, "eval")
+        tracker.log_metrics({f"eval/{name}/{k}": v for k, v in ev.metrics.items()},
+                            step=cfg.train.steps)
+        tracker.set_tag("eval.extractor", ev.meta["extractor"])
+        tracker.set_tag("eval.reference", f"{ev.meta['reference_name']}@"
+                                          f"{ev.meta['reference_hash'][:12]}")
+    return ev
+
+
+def eval_row(label: str, ev: Any) -> dict[str, Any]:
+    return {"samples": label, **{k: ev.metrics.get(k) for k in EVAL_TABLE_COLUMNS[1:]}}
+
+
 # ------------------------------------------------------------------------------------ whole run
 
 
@@ -165,6 +249,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResu
         sampled = sample(cfg, result.checkpoint, progress=progress)
         result.artifacts.update(sampled.artifacts)
         result.metrics.update(sampled.metrics)
+        evaluate_run(cfg, result, progress=progress)
         return result
     with tracker_cm as tracker:
         tracker.log_config(to_dict(cfg))
@@ -179,6 +264,26 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResu
         save_figure(fig, plot)
         tracker.log_artifact(plot, "plots")
         result.artifacts["class_counts"] = plot
+        evaluate_run(cfg, result, tracker=tracker, progress=progress)
         tracker.log_metrics(result.metrics, step=cfg.train.steps)
         result.mlflow_run_id = tracker.run_id
     return result
+
+
+def evaluate_run(cfg: ExperimentConfig, result: StageResult, *, tracker: Any = None,
+                 progress: bool = False) -> None:
+    """Evaluate every sampler's samples of a run; the first sampler's metrics are also logged
+    without the sampler in the name (``eval/fid``), the namespace sweeps and comparisons use."""
+    from debiaslab.report import format_table
+
+    extractor = build_metric_extractor(cfg)
+    for i, name in enumerate(cfg.sample.samplers):
+        ev = evaluate_samples(cfg, result.artifacts[f"samples_{name}"], extractor=extractor,
+                              tracker=tracker, name=name, progress=progress)
+        result.evaluations[name] = ev
+        if i == 0:
+            result.metrics.update(ev.prefixed("eval"))
+    rows = [eval_row(f"{cfg.name}/{n}", ev) for n, ev in result.evaluations.items()]
+    log(f"evaluation ({extractor.name} features vs "
+        f"{next(iter(result.evaluations.values())).meta['reference_name']}):\n"
+        + format_table(rows, EVAL_TABLE_COLUMNS))

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from debiaslab.config import ExperimentConfig, dump_yaml, load_config
-from debiaslab.pipeline import REPO_ROOT, StageResult, log, run_experiment
+from debiaslab.pipeline import (
+    EVAL_TABLE_COLUMNS, REPO_ROOT, StageResult, eval_row, log, run_experiment,
+)
+from debiaslab.report import format_table
 
 QUICKSTART_CONFIGS = ("digits_lt_baseline.yaml", "digits_lt_debias.yaml")
 
@@ -43,6 +46,9 @@ def quickstart(output_dir: str | Path = "outputs/quickstart", overrides: list[st
                 print(f"    {key}: {path}")
         print(f"    MLflow run id: {res.mlflow_run_id}")
     print(f"  side by side: {comparison}")
+    print("\nevaluation (" + describe_protocol(results) + "):")
+    print(format_table([eval_row(f"{n}/{s}", ev) for n, r in results.items()
+                        for s, ev in r.evaluations.items()], EVAL_TABLE_COLUMNS))
     print(f"  MLflow tracking URI: {uri}")
     print(f"  browse the runs: {ui_hint(uri)}")
     return results
@@ -63,3 +69,14 @@ def save_comparison(results: dict[str, StageResult], path: Path) -> Path:
                 panels[f"{name} / {key[len('grid_'):]}"] = image
     fig = image_panels_figure(panels, title="digits-LT samples (rows: classes 0-9)")
     return save_figure(fig, path)
+
+
+def describe_protocol(results: dict[str, StageResult]) -> str:
+    """Which extractor and reference set produced the numbers."""
+    for res in results.values():
+        for ev in res.evaluations.values():
+            meta = ev.meta
+            return (f"features: {meta['extractor']}; reference: {meta['reference_name']} "
+                    f"({meta['reference_images']} images, hash {meta['reference_hash'][:12]}); "
+                    f"{meta['num_samples']} samples per row; head/tail by training class counts")
+    return "no evaluation"

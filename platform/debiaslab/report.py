@@ -298,3 +298,75 @@ def markdown_table(
         "-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric)
     ) + "|"
     return "\n".join([line(names), rule] + [line(r) for r in cells])
+
+
+# -------------------------------------------------------------------------------- evaluation
+HEAD_COLOR, TAIL_COLOR = "tab:blue", "tab:orange"
+
+
+def per_class_figure(rows: Sequence[Mapping[str, Any]], metrics: Sequence[str] = ("fid", "recall"),
+                     title: str = "") -> Figure:
+    """Per-class bars with bootstrap confidence intervals, head and tail classes coloured.
+
+    Rows carry ``class``, ``group`` ('head'/'tail'), ``<metric>`` and ``<metric>_ci`` ([lo, hi]
+    or None); a metric that is None for a class (too few samples) is left blank.
+    """
+    fig = _new_figure((max(6.0, 0.5 * len(rows) * len(metrics)), 3.2 * len(metrics)))
+    names = [str(r["class"]) for r in rows]
+    x = np.arange(len(rows), dtype=float)
+    colors = [HEAD_COLOR if r.get("group") == "head" else TAIL_COLOR for r in rows]
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(len(metrics), 1, i + 1)
+        vals = [r.get(metric) for r in rows]
+        heights = [v if v is not None else 0.0 for v in vals]
+        err = np.zeros((2, len(rows)))
+        for j, r in enumerate(rows):
+            ci = r.get(f"{metric}_ci")
+            if ci is not None and vals[j] is not None:
+                err[:, j] = [max(vals[j] - ci[0], 0.0), max(ci[1] - vals[j], 0.0)]
+        ax.bar(x, heights, color=colors, yerr=err, capsize=3)
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=90 if len(names) > ROTATE_LABELS_ABOVE else 0)
+        ax.set_ylabel(metric)
+        if i == 0:
+            from matplotlib.patches import Patch
+
+            ax.legend(handles=[Patch(color=HEAD_COLOR, label="head"),
+                               Patch(color=TAIL_COLOR, label="tail")], fontsize=8)
+            if title:
+                ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def distribution_figure(distributions: Mapping[str, Mapping[str, float]], title: str = ""
+                        ) -> Figure:
+    """One panel per attribute: the samples' proportions against the uniform target."""
+    n = len(distributions)
+    fig = _new_figure((3.2 * max(n, 1), 3.0))
+    for i, (name, dist) in enumerate(distributions.items()):
+        ax = fig.add_subplot(1, n, i + 1)
+        keys = list(dist)
+        ax.bar(range(len(keys)), [dist[k] for k in keys])
+        ax.axhline(1.0 / len(keys), color="black", linestyle="--", linewidth=1, label="uniform")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels(keys, rotation=90 if len(keys) > ROTATE_LABELS_ABOVE else 0)
+        ax.set_ylim(0, 1)
+        ax.set_title(name, fontsize=10)
+        if i == 0:
+            ax.set_ylabel("proportion of samples")
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def evaluation_figures(ev: Any, title: str = "") -> dict[str, Figure]:
+    """The plots of an :class:`~debiaslab.metrics.evaluate.Evaluation` worth looking at."""
+    figures = {}
+    if ev.per_class:
+        figures["per_class"] = per_class_figure(ev.per_class, title=title)
+    if ev.distributions:
+        figures["distribution"] = distribution_figure(ev.distributions, title=title)
+    return figures

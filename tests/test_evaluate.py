@@ -1,0 +1,111 @@
+"""The evaluation protocol end to end on real digits: metrics, provenance, errors, CLI, MLflow."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from debiaslab.cli import main
+from debiaslab.data.dataset import ImageDataset
+from debiaslab.data.schema import DatasetMeta, write_dataset
+from debiaslab.data.sources import build_dataset
+from debiaslab.errors import DataError
+from debiaslab.metrics.evaluate import SampleSet, evaluate, load_samples
+from debiaslab.metrics.features import build_extractor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    ref = build_dataset("digits", root / "ref", imbalance="none")
+    lt = build_dataset("digits", root / "lt", imbalance="long_tail", imb_factor=0.1)
+    return root, Path(ref), ImageDataset.load(lt), build_extractor("digits")
+
+
+def test_real_images_score_better_than_noise(setup):
+    root, ref, lt, extractor = setup
+    real = SampleSet(lt.images.numpy(), lt.labels.numpy(), "digits-lt")
+    rng = np.random.default_rng(0)
+    noise = SampleSet(rng.integers(0, 256, size=(300, 1, 16, 16), dtype=np.uint8), None, "noise")
+    ev_real = evaluate(real, ref, extractor, class_counts=lt.class_counts(), bootstrap=20)
+    ev_noise = evaluate(noise, ref, extractor, bootstrap=20)
+    assert ev_real.metrics["fid"] < 0.2 * ev_noise.metrics["fid"]
+    assert ev_real.metrics["precision"] > 0.9 and ev_noise.metrics["precision"] < 0.2
+    assert ev_real.metrics["recall"] > ev_noise.metrics["recall"]
+    # the LT subset over-represents class 0: its class distribution is far from uniform
+    assert ev_real.metrics["fd_class"] > 0.15
+    assert ev_real.meta["extractor"] == extractor.name
+    assert ev_real.meta["reference_images"] == 1797
+    assert {"head_fid", "tail_fid", "head_recall", "tail_recall"} <= set(ev_real.metrics)
+    assert len(ev_real.per_class) == 10
+    assert ev_real.per_class[0]["group"] == "head" and ev_real.per_class[9]["group"] == "tail"
+    assert all(np.isfinite(v) for v in ev_real.metrics.values())
+    assert {"class", "bold", "even"} <= set(ev_real.distributions)
+
+
+def test_reference_features_are_cached(setup):
+    root, ref, lt, extractor = setup
+    real = SampleSet(lt.images.numpy()[:50], None, "x")
+    evaluate(real, ref, extractor, bootstrap=0)
+    cached = sorted(p.name for p in ref.iterdir() if p.suffix in (".npy", ".npz"))
+    assert any(n.startswith("fid_stats_") for n in cached)
+    assert any(n.startswith("features_") for n in cached)
+
+
+@pytest.mark.parametrize("images,fragment", [
+    (np.zeros((0, 1, 16, 16), np.uint8), "empty"),
+    (np.zeros((5, 3, 32, 32), np.uint8), "3"),
+])
+def test_bad_samples_are_one_line_errors(setup, images, fragment):
+    root, ref, _, extractor = setup
+    with pytest.raises(DataError) as exc:
+        evaluate(SampleSet(images, None, "bad-samples"), ref, extractor)
+    assert "\n" not in str(exc.value) and fragment in str(exc.value)
+
+
+def test_tiny_reference_is_an_error(setup):
+    root, _, lt, extractor = setup
+    tiny = root / "tiny"
+    write_dataset(tiny, lt.images.numpy()[:4], lt.labels.numpy()[:4], None,
+                  DatasetMeta("tiny", "test", list(lt.class_names), []))
+    with pytest.raises(DataError) as exc:
+        evaluate(SampleSet(lt.images.numpy()[:20], None, "s"), tiny, extractor, k=5)
+    assert "k=5" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_missing_samples_path(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_samples(tmp_path / "nothing")
+
+
+def test_evaluate_cli_logs_to_mlflow(setup, tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    root, ref, lt, _ = setup
+    argv = ["evaluate", "--samples", str(root / "lt"), "--reference", str(ref), "--name", "lt",
+            "--out", str(tmp_path / "eval"), "--set", f"output_dir={tmp_path}",
+            "--set", "tracking.experiment=evalcli", "--set", "metrics.bootstrap=10"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "fid" in out and "precision" in out and "digits-classifier" in out
+    data = json.loads((tmp_path / "eval" / "eval_lt.json").read_text())
+    assert data["meta"]["reference_hash"] and data["metrics"]["fid"] >= 0
+    assert (tmp_path / "eval" / "per_class_lt.png").is_file()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("evalcli").experiment_id])
+    assert "eval/lt/fid" in run.data.metrics and run.info.status == "FINISHED"
+    assert run.data.tags["eval.extractor"].startswith("digits-classifier")
+
+
+def test_evaluate_cli_bad_reference_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "debiaslab.cli", "evaluate", "--samples",
+                           str(tmp_path), "--reference", str(tmp_path / "none"),
+                           "--set", f"output_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "none" in proc.stderr
