@@ -85,6 +85,15 @@ def test_run_end_to_end_records_mlflow(tmp_path, capsys):
     assert main(["sample", "-c", str(run_dir / "config.yaml"), "--out", str(tmp_path / "s2"),
                  "--set", "sample.samplers=[ddpm]"]) == 0
     assert (tmp_path / "s2" / "grid_ddpm.png").is_file()
+    # evaluate straight from the checkpoint: samples with the config's settings, then metrics
+    assert main(["evaluate", "-c", str(run_dir / "config.yaml"), "--checkpoint", str(run_dir),
+                 "--out", str(tmp_path / "ev"), "--set", "sample.samplers=[ddim]",
+                 "--set", "tracking.enabled=false"]) == 0
+    out = capsys.readouterr().out
+    assert "ddim" in out and "fid" in out
+    assert (tmp_path / "ev" / "eval_ddim.json").is_file()
+    # the run itself logged the evaluation of its first sampler in the eval/ namespace
+    assert {"eval/fid", "eval/ddim/fid", "eval/dpmpp_2m/fid"} <= set(run.data.metrics)
 
 
 @pytest.mark.parametrize("job", ["build_data", "train", "sample", "pipeline"])

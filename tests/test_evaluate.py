@@ -109,3 +109,33 @@ def test_evaluate_cli_bad_reference_one_line(tmp_path):
                           capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "none" in proc.stderr
+
+
+def test_load_samples_from_image_folder_and_parquet(setup, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    root, ref, lt, extractor = setup
+    images = lt.images.numpy()[:30]
+    labels = lt.labels.numpy()[:30]
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        folder = tmp_path / "folder" / f"{int(lab)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0]).save(folder / f"{i:03d}.png")
+    from_folder = load_samples(tmp_path / "folder", (1, 16, 16))
+    assert from_folder.images.shape == (30, 1, 16, 16)
+    assert sorted(from_folder.images.reshape(30, -1).sum(1)) == sorted(
+        images.reshape(30, -1).sum(1))
+    import io
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a[0]).save(buf, format="PNG")
+        return buf.getvalue()
+
+    pq.write_table(pa.table({"image": [png(a) for a in images]}), tmp_path / "s.parquet")
+    from_parquet = load_samples(tmp_path / "s.parquet")
+    assert np.array_equal(from_parquet.images, images) and from_parquet.labels is None
+    ev = evaluate(from_parquet, ref, extractor, bootstrap=0)
+    assert ev.meta["num_samples"] == 30 and ev.meta["per_class_labels"] == "extractor predictions"

@@ -117,6 +117,24 @@ class MetricsConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Ray: whether heavy stages run on Ray, and with which resources (distributed/)."""
+
+    backend: Literal["local", "ray"] = "local"
+    address: str = ""  # "" starts a local Ray (address="local"); "auto" or ray://... joins one
+    num_workers: int = 1  # Ray Train DDP workers
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    storage_path: str = ""  # Ray Train storage; default <output_dir>/ray_results (absolute)
+    object_store_memory_gb: float = 2.0
+    map_concurrency: int = 1  # Ray Data actor-pool size for map jobs
+    map_batch_size: int = 256
+    map_num_cpus: float = 0.5
+    map_num_gpus: float = 0.0
+
+
+@dataclass
 class TrackingConfig:
     """MLflow: experiment and run names (embedded SQLite store unless MLFLOW_TRACKING_URI)."""
 
@@ -137,6 +155,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
@@ -348,6 +367,12 @@ def validate(cfg: ExperimentConfig) -> None:
         "data.imb_factor": cfg.data.imb_factor, "metrics.k": cfg.metrics.k,
         "metrics.lof_k": cfg.metrics.lof_k, "metrics.batch_size": cfg.metrics.batch_size,
         "metrics.kid_subset_size": cfg.metrics.kid_subset_size,
+        "distributed.num_workers": cfg.distributed.num_workers,
+        "distributed.cpus_per_worker": cfg.distributed.cpus_per_worker,
+        "distributed.object_store_memory_gb": cfg.distributed.object_store_memory_gb,
+        "distributed.map_concurrency": cfg.distributed.map_concurrency,
+        "distributed.map_batch_size": cfg.distributed.map_batch_size,
+        "distributed.map_num_cpus": cfg.distributed.map_num_cpus,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -362,6 +387,8 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if cfg.distributed.max_failures < 0 or cfg.distributed.map_num_gpus < 0:
+        raise ConfigError("distributed.max_failures and distributed.map_num_gpus must be >= 0")
     if cfg.metrics.bootstrap < 0:
         raise ConfigError(f"metrics.bootstrap: must be >= 0, got {cfg.metrics.bootstrap}")
     if cfg.train.warmup_steps < 0 or cfg.train.grad_clip < 0 or cfg.sample.cfg_omega < 0:
