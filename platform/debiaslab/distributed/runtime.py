@@ -35,6 +35,7 @@ def init_ray(address: str = "", *, object_store_memory_gb: float = 2.0,
 
     if ray.is_initialized():
         return ray
+    address = address or os.environ.get("RAY_ADDRESS", "")  # set inside `ray job submit` jobs
     env = {"env_vars": dict(ray_env())}
     if runtime_env:
         env.update({k: v for k, v in runtime_env.items() if k != "env_vars"})
