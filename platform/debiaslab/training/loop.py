@@ -27,6 +27,7 @@ from debiaslab.training.checkpoint import (
 
 MetricsFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, Path], None]
+ReportFn = Callable[[int, dict[str, float], "Path | None"], None]
 
 _STREAM_BATCH, _STREAM_NOISE = 1, 2  # independent per-step random streams
 _SEED_STRIDE = 1_000_003
@@ -132,6 +133,7 @@ class Trainer:
         on_metrics: MetricsFn | None = None,
         on_checkpoint: CheckpointFn | None = None,
         progress: bool = True,
+        on_report: ReportFn | None = None,
     ) -> None:
         self.cfg = cfg
         self.dataset = dataset
@@ -141,6 +143,9 @@ class Trainer:
         self.device = device or select_device(cfg.train.device)
         self.on_metrics = on_metrics
         self.on_checkpoint = on_checkpoint
+        # every rank, at every checkpoint boundary: (step, latest metrics, checkpoint on rank 0
+        # else None); Ray Train workers report here so all of them report equally often
+        self.on_report = on_report
         self.progress = progress and rank == 0
 
         torch.manual_seed(cfg.train.seed)
@@ -299,6 +304,7 @@ class Trainer:
         self.resume()
         result = TrainResult(step=self.step)
         window: list[float] = []
+        metrics: dict[str, float] = {}
         t_start = t_log = time.perf_counter()
         for s in self._steps():
             loss, grad_norm = self.train_step(self.make_batch(s))
@@ -316,10 +322,14 @@ class Trainer:
                 window, t_log = [], now
                 if self.on_metrics and self.rank == 0:
                     self.on_metrics(self.step, metrics)
-            if self.rank == 0 and (self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps):
-                result.checkpoint = self.save()
-                if self.on_checkpoint:
-                    self.on_checkpoint(self.step, result.checkpoint)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                saved = None
+                if self.rank == 0:
+                    saved = result.checkpoint = self.save()
+                    if self.on_checkpoint:
+                        self.on_checkpoint(self.step, saved)
+                if self.on_report:
+                    self.on_report(self.step, dict(metrics), saved)
         result.step = self.step
         result.seconds = time.perf_counter() - t_start
         if result.checkpoint is None:

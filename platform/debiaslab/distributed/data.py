@@ -1,0 +1,487 @@
+"""Ray Data jobs over our Parquet shards: a generic actor-pool map job with a fixed output schema
+and atomic output folders, used for metric-feature extraction and seed-range sampling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from debiaslab.data.schema import (
+    DEFAULT_ROWS_PER_SHARD,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    NO_LABEL,
+    SCHEMA,
+    SCHEMA_METADATA_KEY,
+    SHARD_TEMPLATE,
+    Manifest,
+    combine_digests,
+    data_error,
+    decode_png,
+    encode_png,
+    read_manifest,
+    table_digests,
+    write_json,
+)
+from debiaslab.errors import ConfigError, DataError
+
+from .runtime import ray_env
+
+JOB_MANIFEST_NAME = "map_job.json"  # marks a folder written by run_map_job (safe to replace)
+PART_TEMPLATE = "part-{:05d}.parquet"
+SORT_KEY = "id"  # job outputs are sorted by this column (when the schema has it)
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
+BLOCKS_PER_ACTOR = 4  # enough blocks that every actor gets work and the tail stays short
+MAP_TASK_RETRIES = 3  # a map task whose mapper raises is retried this often
+DEFAULT_NUM_CPUS = 0.5  # fractional: concurrency 2 on 2 cores leaves CPU for the read tasks
+DEFAULT_SEEDS_PER_TASK = 64
+PIXEL_HALF_RANGE = 127.5  # [-1, 1] -> uint8 via round((x + 1) * 127.5)
+PIXEL_MAX = 255
+_TASK_FILE = re.compile(r"^task-(\d+)-(\d+)\.parquet$")
+
+FEATURES_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("features", pa.list_(pa.float32()), nullable=False),
+        pa.field("class_pred", pa.int64(), nullable=False),
+        pa.field("attr_pred", pa.list_(pa.int8()), nullable=False),
+    ]
+)
+
+
+def _is_remote(path: str | os.PathLike[str]) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+# --------------------------------------------------------------------------------- reading
+
+
+def read_dataset_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[str], Any]:
+    """(manifest JSON, shard paths, pyarrow filesystem or None) of a local or remote dataset."""
+    if not _is_remote(path):
+        manifest = read_manifest(path)
+        return manifest.to_json(), [str(p) for p in manifest.shard_paths()], None
+    from pyarrow import fs as pafs
+
+    filesystem, root = pafs.FileSystem.from_uri(str(path).rstrip("/"))
+    try:
+        with filesystem.open_input_stream(f"{root}/{MANIFEST_NAME}") as stream:
+            payload = json.loads(stream.read().decode("utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise data_error(f"{path}/{MANIFEST_NAME}", f"cannot read manifest ({exc})") from None
+    if payload.get("format_version") != FORMAT_VERSION or not isinstance(
+        payload.get("shards"), list
+    ):
+        raise data_error(f"{path}/{MANIFEST_NAME}", "not a debiaslab dataset manifest")
+    return payload, [f"{root}/{shard['file']}" for shard in payload["shards"]], filesystem
+
+
+def read_images(path: str | os.PathLike[str], *, columns: list[str] | None = None) -> Any:
+    """A ``ray.data.Dataset`` of a dataset folder's shards (columns id, image PNG bytes, label,
+    attributes), local or remote (``s3://``, ``gs://``: read through pyarrow filesystems)."""
+    ray_env()
+    import ray.data
+
+    _, shards, filesystem = read_dataset_manifest(path)
+    return ray.data.read_parquet(shards, filesystem=filesystem, columns=columns,
+                                 file_extensions=None)
+
+
+# --------------------------------------------------------------------------------- map job
+
+
+def to_arrow(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
+    """An Arrow table in exactly `schema` from mapper output (numpy arrays or lists; a 2-D
+    array for a list<...> field becomes one list per row)."""
+    missing = [f.name for f in schema if f.name not in columns]
+    if missing:
+        raise DataError(f"mapper output lacks columns {missing}; schema wants {schema.names}")
+    arrays = []
+    for field in schema:
+        value = columns[field.name]
+        if pa.types.is_list(field.type) and isinstance(value, np.ndarray) and value.ndim == 2:
+            rows, width = value.shape
+            flat = np.ascontiguousarray(value).reshape(-1)
+            offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
+            arrays.append(pa.ListArray.from_arrays(
+                offsets, pa.array(flat, type=field.type.value_type)))
+        else:
+            if isinstance(value, np.ndarray) and value.dtype == object:
+                value = value.tolist()
+            arrays.append(pa.array(value, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class _MapActor:
+    """Actor-pool worker: sets torch threads, builds the user's mapper ONCE, converts each
+    output batch to the fixed Arrow schema."""
+
+    def __init__(self, mapper_cls: type, mapper_kwargs: dict[str, Any], schema: pa.Schema,
+                 num_threads: int) -> None:
+        try:
+            import torch
+
+            torch.set_num_threads(num_threads)
+        except ImportError:  # a mapper without torch
+            pass
+        self.mapper = mapper_cls(**mapper_kwargs)
+        self.schema = schema
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return to_arrow(self.mapper(batch), self.schema)
+
+
+class _TaskFileNames:
+    """Write-task file names ``task-<index>`` (renamed to ``part-NNNNN`` afterwards)."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"task-{task_index:06d}"
+
+
+def _filename_provider() -> Any:
+    from ray.data.datasource.filename_provider import FilenameProvider
+
+    class TaskFileNames(_TaskFileNames, FilenameProvider):
+        pass
+
+    return TaskFileNames()
+
+
+def _check_replaceable(target: Path) -> None:
+    if target.exists() and not (
+        target.is_dir() and (not any(target.iterdir()) or (target / JOB_MANIFEST_NAME).is_file()
+                             or (target / MANIFEST_NAME).is_file())
+    ):
+        raise data_error(target, "exists and is not a debiaslab job output; refusing to replace it")
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename `tmp` onto `target` (an old `target` is moved aside first, then deleted)."""
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _normalize_parts(folder: Path, template: str, schema: pa.Schema, rows_per_file: int,
+                     sort_key: str = SORT_KEY) -> list[Path]:
+    """Replace Ray's ``task-*.parquet`` files (their order and split depend on scheduling) by
+    files of `rows_per_file` rows sorted by `sort_key`, named `template`: the output is then
+    byte-identical for any concurrency, block layout or re-run. Reads the output once."""
+    written = sorted(p for p in folder.iterdir() if _TASK_FILE.match(p.name))
+    if not written:
+        return []
+    table = pa.concat_tables([pq.read_table(p, schema=schema) for p in written])
+    if sort_key in schema.names:
+        table = table.take(pc.sort_indices(table, sort_keys=[(sort_key, "ascending")]))
+    for path in written:
+        path.unlink()
+    parts = []
+    for index, start in enumerate(range(0, table.num_rows, rows_per_file)):
+        part = folder / template.format(index)
+        pq.write_table(table.slice(start, rows_per_file), part)
+        parts.append(part)
+    return parts
+
+
+def actor_threads(num_cpus: float) -> int:
+    """Torch intra-op threads for an actor holding `num_cpus` CPUs (rounded up, at least 1)."""
+    return max(1, math.ceil(num_cpus))
+
+
+def run_map_job(
+    dataset: Any,
+    mapper_cls: type,
+    mapper_kwargs: dict[str, Any],
+    output_dir: str | os.PathLike[str],
+    output_schema: pa.Schema,
+    *,
+    concurrency: int = 1,
+    batch_size: int = 256,
+    num_cpus: float = DEFAULT_NUM_CPUS,
+    num_gpus: float = 0.0,
+    progress: bool = True,
+    rows_per_block: int | None = None,
+    rows_per_file: int = DEFAULT_ROWS_PER_SHARD,
+    file_template: str = PART_TEMPLATE,
+    finalize: Callable[[Path, list[Path]], dict[str, Any]] | None = None,
+) -> Path:
+    """Map `dataset` with an actor pool of `mapper_cls(**mapper_kwargs)` (built once per actor;
+    called on numpy batches, returning columns) and write Parquet in `output_schema` to
+    `output_dir` (local) atomically: a temp sibling folder renamed into place, so a re-run
+    replaces the previous output. Failed batches are retried (MAP_TASK_RETRIES).
+
+    `finalize(tmp_folder, part_files)` may write extra files before the rename and returns
+    fields for ``map_job.json``. Returns the absolute output folder.
+    """
+    if concurrency < 1 or batch_size < 1 or num_cpus <= 0 or num_gpus < 0:
+        raise ConfigError(f"map job: need concurrency >= 1, batch_size >= 1, num_cpus > 0 and "
+                          f"num_gpus >= 0, got {concurrency}, {batch_size}, {num_cpus}, {num_gpus}")
+    if _is_remote(output_dir):
+        raise ConfigError(f"map job output {output_dir}: only local folders are written atomically")
+    ray_env()
+    from ray.data import ActorPoolStrategy, SaveMode
+
+    target = Path(output_dir).absolute()
+    _check_replaceable(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    ctx = dataset.context  # the dataset's own copy: settings do not leak into other jobs
+    ctx.enable_progress_bars = progress
+    ctx.enable_operator_progress_bars = progress
+    # A batch whose mapper raises is re-run in the same actor (blocks already produced by the
+    # task are skipped, so no duplicates); a crashed actor is restarted by Ray's defaults.
+    ctx.retried_map_errors = True
+    ctx.max_map_retries = MAP_TASK_RETRIES
+    ctx.execution_options.preserve_order = True  # deterministic blocks -> deterministic files
+    if rows_per_block is None:
+        rows = dataset.count()
+        rows_per_block = max(batch_size, math.ceil(rows / (concurrency * BLOCKS_PER_ACTOR)))
+    mapped = dataset.repartition(target_num_rows_per_block=rows_per_block).map_batches(
+        _MapActor,
+        fn_constructor_args=(mapper_cls, dict(mapper_kwargs), output_schema,
+                             actor_threads(num_cpus)),
+        batch_size=batch_size,
+        batch_format="numpy",
+        zero_copy_batch=True,  # mappers only read their inputs
+        compute=ActorPoolStrategy(size=concurrency),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus or None,
+    )
+    try:
+        # A fresh temp folder per run: OVERWRITE only lifts Ray's unique-name (write uuid) check.
+        mapped.write_parquet(str(tmp), filename_provider=_filename_provider(),
+                             mode=SaveMode.OVERWRITE,
+                             schema=output_schema,
+                             min_rows_per_file=rows_per_block)
+        tmp.mkdir(parents=True, exist_ok=True)  # an empty result writes no files
+        parts = _normalize_parts(tmp, file_template, output_schema, rows_per_file)
+        num_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+        info = {"files": [p.name for p in parts], "num_rows": num_rows,
+                "schema": [[f.name, str(f.type)] for f in output_schema],
+                "mapper": f"{mapper_cls.__module__}.{mapper_cls.__qualname__}"}
+        if finalize is not None:
+            info.update(finalize(tmp, parts))
+        write_json(tmp / JOB_MANIFEST_NAME, info)
+        _swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --------------------------------------------------------------------------------- features
+
+
+class FeatureMapper:
+    """Decodes PNG rows and runs a feature extractor (built once) on them."""
+
+    def __init__(self, extractor_name: str, channels: int, extractor_options: dict[str, Any],
+                 batch_size: int, cache_dir: str = "") -> None:
+        from debiaslab.metrics.features import build_extractor
+
+        if cache_dir:  # the driver's extractor cache (it trained / fetched the weights)
+            os.environ.setdefault("DEBIASLAB_CACHE", cache_dir)
+        self.extractor = build_extractor(extractor_name, **extractor_options)
+        self.channels = channels
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        images = np.stack([decode_png(blob, self.channels) for blob in batch["image"]])
+        out = self.extractor.extract(images, batch_size=self.batch_size)
+        n = len(images)
+        classes = out.classes if out.classes is not None else np.full(n, NO_LABEL)
+        attrs = out.attributes if out.attributes is not None else np.zeros((n, 0), np.int8)
+        return {"id": batch["id"], "features": out.features.astype(np.float32, copy=False),
+                "class_pred": classes.astype(np.int64), "attr_pred": attrs.astype(np.int8)}
+
+
+def extract_features_job(
+    dataset_dir: str | os.PathLike[str],
+    extractor_name: str,
+    output_dir: str | os.PathLike[str],
+    *,
+    extractor_options: dict[str, Any] | None = None,
+    concurrency: int = 1,
+    batch_size: int = 256,
+    num_cpus: float = DEFAULT_NUM_CPUS,
+    num_gpus: float = 0.0,
+    progress: bool = True,
+) -> Path:
+    """Metric features of every image of a dataset folder as Parquet (FEATURES_SCHEMA: id,
+    features, class_pred (-1 if none), attr_pred), equal to ``build_extractor(name).extract``."""
+    from debiaslab.metrics.features import build_extractor
+
+    options = dict(extractor_options or {})
+    # Built once here: checks the name early and fills the weights cache the actors load from.
+    extractor = build_extractor(extractor_name, **options)
+    manifest, _, _ = read_dataset_manifest(dataset_dir)
+    channels = int(manifest["image_shape"][0])
+    cache = os.environ.get("DEBIASLAB_CACHE", "")
+    kwargs = dict(extractor_name=extractor_name, channels=channels, extractor_options=options,
+                  batch_size=batch_size, cache_dir=cache)
+    meta = {"extractor": extractor.metadata(), "dataset": str(dataset_dir),
+            "dataset_content_hash": manifest.get("content_hash", "")}
+    return run_map_job(read_images(dataset_dir), FeatureMapper, kwargs, output_dir,
+                       FEATURES_SCHEMA, concurrency=concurrency, batch_size=batch_size,
+                       num_cpus=num_cpus, num_gpus=num_gpus, progress=progress,
+                       finalize=lambda tmp, parts: meta)
+
+
+def read_features(output_dir: str | os.PathLike[str]) -> tuple[list[str], np.ndarray, np.ndarray,
+                                                                np.ndarray]:
+    """(ids, features [N, D] float32, class_pred [N] int64, attr_pred [N, A] int8) of a
+    feature job's output, in file order."""
+    root = Path(output_dir)
+    info = json.loads((root / JOB_MANIFEST_NAME).read_text(encoding="utf-8"))
+    tables = [pq.read_table(root / name) for name in info["files"]]
+    table = pa.concat_tables(tables) if tables else FEATURES_SCHEMA.empty_table()
+    n = table.num_rows
+
+    def matrix(column: str, dtype: type) -> np.ndarray:
+        flat = table.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        return flat.astype(dtype).reshape(n, -1) if n else np.zeros((0, 0), dtype)
+
+    return (table.column("id").to_pylist(), matrix("features", np.float32),
+            table.column("class_pred").to_numpy().astype(np.int64), matrix("attr_pred", np.int8))
+
+
+# --------------------------------------------------------------------------------- sampling
+
+
+class SampleMapper:
+    """Loads a checkpoint once; turns seed ranges into rows of the dataset schema."""
+
+    def __init__(self, checkpoint: str, sampler: str, steps: int, labels_mode: str,
+                 cfg_omega: float, options: dict[str, Any], use_ema: bool, device: str,
+                 generate_batch_size: int) -> None:
+        from debiaslab.sampling import load_trained
+
+        self.trained = load_trained(checkpoint, use_ema=use_ema, device=device)
+        self.sampler, self.steps, self.labels_mode = sampler, steps, labels_mode
+        self.cfg_omega, self.options = cfg_omega, options
+        self.generate_batch_size = generate_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        from debiaslab.sampling import generate, sample_labels
+
+        seeds = [s for start, stop in zip(batch["start"], batch["stop"])
+                 for s in range(int(start), int(stop))]
+        labels = sample_labels(self.labels_mode, self.trained.num_classes, seeds)
+        if self.trained.null_label is None:
+            labels = None
+        images = generate(self.trained, self.sampler, seeds, steps=self.steps, labels=labels,
+                          cfg_omega=self.cfg_omega, batch_size=self.generate_batch_size,
+                          options=self.options)
+        uint8 = ((images + 1) * PIXEL_HALF_RANGE).round().clamp(0, PIXEL_MAX).to(torch.uint8)
+        n = len(seeds)
+        return {"id": [f"seed{s:08d}" for s in seeds],
+                "image": [encode_png(img) for img in uint8.numpy()],
+                "label": labels.numpy() if labels is not None else np.full(n, NO_LABEL),
+                "attributes": np.zeros((n, 0), np.int8)}
+
+
+def seed_chunks(seeds: range, seeds_per_task: int) -> list[dict[str, int]]:
+    """Contiguous [start, stop) chunks of a step-1 seed range, `seeds_per_task` seeds each."""
+    if seeds.step != 1:
+        raise ConfigError(f"sample job: seeds must be a contiguous range, got {seeds}")
+    if seeds_per_task < 1:
+        raise ConfigError(f"sample job: seeds_per_task must be >= 1, got {seeds_per_task}")
+    return [{"start": s, "stop": min(s + seeds_per_task, seeds.stop)}
+            for s in range(seeds.start, seeds.stop, seeds_per_task)]
+
+
+def _dataset_manifest(folder: Path, parts: list[Path], name: str, source: str,
+                      class_names: list[str], shape: tuple[int, int, int]) -> Manifest:
+    """The `dataset.json` of shards written by a job (hash from the stored bytes)."""
+    digests: dict[str, bytes] = {}
+    shards, counts = [], np.zeros(len(class_names), np.int64)
+    for part in parts:
+        table = pq.read_table(part)
+        digests.update(table_digests(table))
+        labels = table.column("label").to_numpy()
+        counts += np.bincount(labels[labels != NO_LABEL], minlength=len(class_names))
+        shards.append({"file": part.name, "num_rows": table.num_rows})
+    if not digests:
+        raise data_error(folder, "sample job produced no images")
+    return Manifest(path=folder, name=name, source=source, class_names=list(class_names),
+                    attr_names=[], image_shape=shape, num_rows=len(digests),
+                    class_counts=counts.tolist(), shards=shards,
+                    content_hash=combine_digests(digests))
+
+
+def sample_job(
+    checkpoint: str | os.PathLike[str],
+    sampler: str,
+    seeds: range,
+    output_dir: str | os.PathLike[str],
+    *,
+    steps: int,
+    labels_mode: str = "balanced",
+    cfg_omega: float = 0.0,
+    options: dict[str, Any] | None = None,
+    seeds_per_task: int = DEFAULT_SEEDS_PER_TASK,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    use_ema: bool = True,
+    device: str = "auto",
+    concurrency: int = 1,
+    num_cpus: float = DEFAULT_NUM_CPUS,
+    num_gpus: float = 0.0,
+    progress: bool = True,
+) -> Path:
+    """Generate one image per seed with actors that load `checkpoint` once, sharded by seed
+    ranges; write a dataset folder (Parquet in the dataset SCHEMA + dataset.json, ids
+    ``seed%08d``) that ``ImageDataset.load`` reads. Images depend only on their seeds."""
+    import ray.data
+
+    from debiaslab.sampling import load_trained
+
+    chunks = seed_chunks(seeds, seeds_per_task)
+    if not chunks:
+        raise ConfigError("sample job: no seeds to sample")
+    trained = load_trained(checkpoint, use_ema=use_ema, device="cpu")  # checks it, reads names
+    mapper_kwargs = dict(checkpoint=str(Path(checkpoint).absolute()), sampler=sampler,
+                         steps=steps, labels_mode=labels_mode, cfg_omega=cfg_omega,
+                         options=dict(options or {}), use_ema=use_ema, device=device,
+                         generate_batch_size=seeds_per_task)
+    name = Path(output_dir).name
+    source = f"samples:{trained.checkpoint}"
+    schema = SCHEMA.with_metadata({SCHEMA_METADATA_KEY: json.dumps({
+        "format_version": FORMAT_VERSION, "name": name, "source": source,
+        "class_names": trained.class_names, "attr_names": [],
+        "image_shape": list(trained.shape)}).encode("utf-8")})
+
+    def finalize(folder: Path, parts: list[Path]) -> dict[str, Any]:
+        manifest = _dataset_manifest(folder, parts, name, source, trained.class_names,
+                                     trained.shape)
+        manifest.extra.update({"sampler": sampler, "steps": steps, "labels": labels_mode,
+                               "cfg_omega": cfg_omega, "seeds": [seeds.start, seeds.stop]})
+        write_json(folder / MANIFEST_NAME, manifest.to_json())
+        return {"sampler": sampler, "seeds": [seeds.start, seeds.stop]}
+
+    dataset = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    return run_map_job(dataset, SampleMapper, mapper_kwargs, output_dir, schema,
+                       concurrency=concurrency, batch_size=1, num_cpus=num_cpus,
+                       num_gpus=num_gpus, progress=progress, rows_per_block=1,
+                       rows_per_file=rows_per_shard, file_template=SHARD_TEMPLATE,
+                       finalize=finalize)

@@ -1,0 +1,146 @@
+"""Ray Data jobs on a local Ray: feature extraction equals the single-process extractor, re-runs
+replace their output, failed batches are retried, sampled images depend only on their seeds."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from debiaslab.config import load_config
+from debiaslab.data.dataset import ImageDataset
+from debiaslab.data.schema import encode_png, read_manifest
+from debiaslab.data.sources import build_dataset
+from debiaslab.distributed import data as dd
+from debiaslab.distributed.runtime import init_ray, shutdown_ray
+from debiaslab.metrics.features import build_extractor
+from debiaslab.sampling import generate, load_trained, sample_labels
+from debiaslab.training.loop import Trainer
+
+RAY_TMP = "/tmp/dl-data-test"  # short (socket paths) and separate from other local clusters
+FEATURE_TOLERANCE = 1e-5
+TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
+        "model.head_channels=16", "train.batch_size=16", "train.steps=5", "train.warmup_steps=2",
+        "train.checkpoint_every=5", "train.device=cpu", "name=tiny"]
+SAMPLE_SEEDS = range(3, 15)
+SAMPLE_STEPS = 4
+FLAKY_ID = "digits-0700"  # the batch holding this row raises once
+ID_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
+                       pa.field("label", pa.int64(), nullable=False)])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    old = os.environ.get("DEBIASLAB_RAY_TMP")
+    os.environ["DEBIASLAB_RAY_TMP"] = RAY_TMP
+    import ray.cloudpickle
+
+    # actors unpickle this module's mapper classes by value (the test module is not importable)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    init_ray(num_cpus=2, object_store_memory_gb=1.0)
+    yield
+    shutdown_ray()
+    if old is None:
+        os.environ.pop("DEBIASLAB_RAY_TMP", None)
+    else:
+        os.environ["DEBIASLAB_RAY_TMP"] = old
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> Path:
+    return build_dataset("digits", tmp_path_factory.mktemp("data") / "digits")
+
+
+def _files(folder: Path) -> dict[str, pa.Table]:
+    return {p.name: pq.read_table(p) for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_read_images_lists_manifest_shards(ray_cluster, digits_dir):
+    ds = dd.read_images(digits_dir)
+    assert ds.count() == read_manifest(digits_dir).num_rows
+    assert ds.schema().names == ["id", "image", "label", "attributes"]
+
+
+def test_extract_features_equals_single_process_and_rerun_replaces(ray_cluster, digits_dir,
+                                                                    tmp_path):
+    out = tmp_path / "features"
+    dd.extract_features_job(digits_dir, "digits", out, concurrency=2, batch_size=128)
+    ids, features, classes, attrs = dd.read_features(out)
+    ref = ImageDataset.load(digits_dir)
+    expected = build_extractor("digits").extract(ref.images.numpy(), batch_size=128)
+    assert ids == ref.ids  # order preserved, every row once
+    np.testing.assert_allclose(features, expected.features, rtol=FEATURE_TOLERANCE,
+                               atol=FEATURE_TOLERANCE)
+    np.testing.assert_array_equal(classes, expected.classes)
+    np.testing.assert_array_equal(attrs, expected.attributes)
+    first = _files(out)
+    assert first and all(t.schema.equals(dd.FEATURES_SCHEMA) for t in first.values())
+
+    dd.extract_features_job(digits_dir, "digits", out, concurrency=2, batch_size=128)
+    second = _files(out)
+    assert list(second) == list(first)
+    assert all(second[name].equals(first[name]) for name in first)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+class FlakyMapper:
+    """Raises once on the batch holding FLAKY_ID (a marker file records the failure)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = Path(marker)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if FLAKY_ID in set(batch["id"]) and not self.marker.exists():
+            self.marker.write_text("failed once")
+            raise RuntimeError("injected failure")
+        return {"id": batch["id"], "label": batch["label"]}
+
+
+def test_failed_batch_is_retried(ray_cluster, digits_dir, tmp_path):
+    marker = tmp_path / "failed"
+    out = dd.run_map_job(dd.read_images(digits_dir, columns=["id", "label"]), FlakyMapper,
+                         {"marker": str(marker)}, tmp_path / "out", ID_SCHEMA,
+                         concurrency=1, batch_size=100, progress=False)
+    assert marker.exists()
+    table = pa.concat_tables(_files(out).values())
+    assert table.schema.equals(ID_SCHEMA)
+    assert table.column("id").to_pylist() == ImageDataset.load(digits_dir).ids
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, digits_dir) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, TINY + [f"output_dir={run}"])
+    result = Trainer(cfg, ImageDataset.load(digits_dir), run, progress=False).fit()
+    return result.checkpoint
+
+
+def _png_column(folder: Path) -> tuple[list[str], list[bytes], list[int]]:
+    data = ImageDataset.load(folder)  # the output is a regular dataset folder (hash checked)
+    table = pa.concat_tables(_files(folder).values())
+    assert table.column("id").to_pylist() == data.ids
+    return data.ids, table.column("image").to_pylist(), table.column("label").to_pylist()
+
+
+def test_sample_job_images_depend_only_on_seeds(ray_cluster, tiny_checkpoint, tmp_path):
+    common = dict(steps=SAMPLE_STEPS, labels_mode="balanced", cfg_omega=0.0, options={},
+                  progress=False)
+    one = dd.sample_job(tiny_checkpoint, "ddim", SAMPLE_SEEDS, tmp_path / "one",
+                        concurrency=1, seeds_per_task=len(SAMPLE_SEEDS), **common)
+    two = dd.sample_job(tiny_checkpoint, "ddim", SAMPLE_SEEDS, tmp_path / "two",
+                        concurrency=2, seeds_per_task=5, **common)
+    ids, pngs, labels = _png_column(one)
+    assert ids == [f"seed{s:08d}" for s in SAMPLE_SEEDS]
+    assert _png_column(two) == (ids, pngs, labels)
+
+    trained = load_trained(tiny_checkpoint, device="cpu")
+    seeds = list(SAMPLE_SEEDS)
+    y = sample_labels("balanced", trained.num_classes, seeds)
+    images = generate(trained, "ddim", seeds, steps=SAMPLE_STEPS, labels=y)
+    uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    assert pngs == [encode_png(img) for img in uint8]
+    assert labels == y.tolist()
