@@ -91,6 +91,18 @@ def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    if cfg.distributed.backend == "ray":
+        from debiaslab.distributed.train import train_distributed
+
+        log(f"training on Ray Train: {cfg.distributed.num_workers} worker(s)")
+        dist = train_distributed(
+            cfg, tracking_uri=tracker.tracking_uri if tracker is not None else None,
+            mlflow_run_id=tracker.run_id if tracker is not None else None)
+        if tracker is not None:
+            tracker.set_tag("checkpoint", str(dist.checkpoint_uri))
+        final = dist.metrics.get("train/loss")  # rank 0 already logged the per-step metrics
+        return StageResult(run_dir=run_dir, checkpoint=dist.checkpoint,
+                           metrics={} if final is None else {"train/final_loss": float(final)})
     trainer = Trainer(cfg, dataset, run_dir, on_metrics=on_metrics, progress=progress)
     result = trainer.fit()
     losses = list(result.losses.values())
@@ -124,9 +136,12 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
     result = StageResult(run_dir=cfg.run_dir, checkpoint=trained.checkpoint)
     for name in s.samplers:
         t0 = time.perf_counter()
-        images = generate(trained, name, seeds, steps=s.steps, labels=labels,
-                          cfg_omega=s.cfg_omega, batch_size=s.batch_size, progress=progress,
-                          options=s.options.get(name, {}))
+        if cfg.distributed.backend == "ray":
+            images = sample_on_ray(cfg, trained.checkpoint, name, out / name)
+        else:
+            images = generate(trained, name, seeds, steps=s.steps, labels=labels,
+                              cfg_omega=s.cfg_omega, batch_size=s.batch_size,
+                              progress=progress, options=s.options.get(name, {}))
         seconds = time.perf_counter() - t0
         order = torch.argsort(labels, stable=True) if labels is not None else torch.arange(len(seeds))
         grid = save_image_grid(images[order], out / f"grid_{name}.png", GRID_COLUMNS,
@@ -135,7 +150,9 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
         lab = labels.numpy() if labels is not None else np.full(len(seeds), NO_LABEL)
         meta = DatasetMeta(name=f"{cfg.name}-{name}", source=f"samples:{trained.checkpoint}",
                            class_names=trained.class_names, attr_names=[])
-        write_dataset(out / name, uint8, lab, None, meta, ids=[f"seed{sd:08d}" for sd in seeds])
+        if cfg.distributed.backend != "ray":  # the Ray job wrote the same dataset itself
+            write_dataset(out / name, uint8, lab, None, meta,
+                          ids=[f"seed{sd:08d}" for sd in seeds])
         result.artifacts[f"grid_{name}"] = Path(grid)
         result.artifacts[f"samples_{name}"] = out / name
         result.metrics[f"sample/{name}/images_per_sec"] = len(seeds) / seconds
@@ -145,6 +162,24 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
             tracker.log_metrics({f"sample/{name}/images_per_sec": len(seeds) / seconds},
                                 step=trained.step)
     return result
+
+
+def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Path) -> Any:
+    """Sample with a Ray Data actor pool over seed ranges; returns the images in [-1, 1]."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.distributed.data import sample_job
+    from debiaslab.distributed.runtime import ray_session
+
+    s, d = cfg.sample, cfg.distributed
+    with ray_session(d.address, object_store_memory_gb=d.object_store_memory_gb):
+        sample_job(checkpoint, sampler, range(s.seed_start, s.seed_start + s.num_samples), out,
+                   steps=s.steps, labels_mode=s.labels, cfg_omega=s.cfg_omega,
+                   options=s.options.get(sampler, {}), use_ema=s.use_ema,
+                   device=cfg.train.device, concurrency=d.map_concurrency,
+                   num_cpus=d.map_num_cpus, num_gpus=d.map_num_gpus)
+    ds = ImageDataset.load(out)
+    order = sorted(range(len(ds.ids)), key=lambda i: ds.ids[i])  # seed order
+    return ds.to_float(ds.images[order])
 
 
 # ------------------------------------------------------------------------------------ evaluate

@@ -27,14 +27,19 @@ MODEL = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention
          "model.head_channels=16", "train.device=cpu", "train.warmup_steps=5"]
 
 
-def recording_factory(path: Path) -> Any:
-    """A factory for `train_distributed` whose rank 0 appends each metrics window to ``path``."""
-    def build(cfg: ExperimentConfig, **kwargs: Any) -> Trainer:
-        def on_metrics(step: int, metrics: dict[str, float]) -> None:
-            with open(path, "a") as fh:
-                fh.write(json.dumps({"step": step, **metrics}) + "\n")
+def recorder(path: Path) -> Any:
+    """An ``on_metrics`` hook appending each metrics window to ``path`` as a JSON line."""
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
-        kwargs["on_metrics"] = on_metrics
+    return on_metrics
+
+
+def recording_factory(path: Path) -> Any:
+    """A factory for `train_distributed` whose rank 0 records its metrics windows to ``path``."""
+    def build(cfg: ExperimentConfig, **kwargs: Any) -> Trainer:
+        kwargs["on_metrics"] = recorder(path)
         return Trainer(cfg, load_training_data(cfg), kwargs.pop("run_dir"), **kwargs)
 
     return build
@@ -71,9 +76,9 @@ def main() -> None:
 
         torch.set_num_threads(1)  # the same CPU share a 1-CPU Ray worker gets
         plain_log = out / "plain.jsonl"
-        Trainer(cfg("plain", 1), load_training_data(cfg("plain", 1)), out / "plain",
-                on_metrics=recording_factory(plain_log)(cfg("plain", 1), run_dir=out / "x")
-                .on_metrics, progress=False).fit()
+        plain_cfg = cfg("plain", 1)
+        Trainer(plain_cfg, load_training_data(plain_cfg), out / "plain",
+                on_metrics=recorder(plain_log), progress=False).fit()
         plain = steady_steps_per_sec(plain_log)
         init_ray(num_cpus=2, object_store_memory_gb=1.0)
         try:

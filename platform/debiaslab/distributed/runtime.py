@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from debiaslab.errors import ConfigError
 
@@ -62,3 +63,18 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def ray_session(address: str = "", *, object_store_memory_gb: float = 2.0) -> Iterator[Any]:
+    """Use the running Ray, or start one for the block and shut it down afterwards."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        init_ray(address, object_store_memory_gb=object_store_memory_gb)
+    try:
+        yield ray
+    finally:
+        if started:
+            shutdown_ray()
