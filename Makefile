@@ -23,3 +23,6 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_training.py
 	$(PY) tests/benchmarks/bench_sampling.py
+	$(PY) tests/benchmarks/bench_fid.py
+	$(PY) tests/benchmarks/bench_ray_data.py
+	$(PY) tests/benchmarks/bench_ray_train.py
