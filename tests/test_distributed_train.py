@@ -25,6 +25,7 @@ from debiaslab.training.checkpoint import list_checkpoints, load_checkpoint
 from debiaslab.training.loop import Trainer
 
 STEPS, CKPT_EVERY, LOG_EVERY, KILL_AT = 40, 10, 5, 15
+REGISTER_WAIT_S = 5.0
 WORKERS = 2
 TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
         "model.head_channels=16", "train.batch_size=16", "train.warmup_steps=5",
@@ -50,6 +51,14 @@ class RecordingTrainer(Trainer):
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
         marker = self.log_path.with_suffix(".killed")
         if self.rank == 1 and self.step == self.kill_at and not marker.exists():
+            # let Ray register the last reported checkpoint first (its controller polls the
+            # workers), so the restart has something to resume from
+            ckpt = (Path(self.cfg.output_dir).resolve() / "ray_results" / self.cfg.name
+                    / f"checkpoint_{CKPT_EVERY:08d}")
+            deadline = time.time() + 60
+            while not ckpt.exists() and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(REGISTER_WAIT_S)
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
         return super().train_step(batch)
