@@ -245,16 +245,25 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    try:
+        swap_into(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def swap_into(tmp: Path, target: Path) -> None:
+    """Rename the finished folder `tmp` onto `target`; an existing `target` is moved aside
+    first and deleted only after the rename succeeded (restored if it fails)."""
     if not target.exists():
         os.replace(tmp, target)
         return
-    old = target.parent / f".{target.name}.old-{token}"
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     os.replace(target, old)
     try:
         os.replace(tmp, target)
     except BaseException:
         os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 

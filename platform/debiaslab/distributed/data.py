@@ -24,6 +24,7 @@ from debiaslab.data.schema import (
     NO_LABEL,
     SCHEMA,
     SCHEMA_METADATA_KEY,
+    swap_into,
     SHARD_TEMPLATE,
     Manifest,
     combine_digests,
@@ -181,21 +182,6 @@ def _check_replaceable(target: Path) -> None:
         raise data_error(target, "exists and is not a debiaslab job output; refusing to replace it")
 
 
-def _swap_in(tmp: Path, target: Path) -> None:
-    """Rename `tmp` onto `target` (an old `target` is moved aside first, then deleted)."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _normalize_parts(folder: Path, template: str, schema: pa.Schema, rows_per_file: int,
                      sort_key: str = SORT_KEY) -> list[Path]:
     """Replace Ray's ``task-*.parquet`` files (their order and split depend on scheduling) by
@@ -302,7 +288,7 @@ def run_map_job(
         if finalize is not None:
             info.update(finalize(tmp, parts))
         write_json(tmp / JOB_MANIFEST_NAME, info)
-        _swap_in(tmp, target)
+        swap_into(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
