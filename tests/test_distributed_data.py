@@ -65,6 +65,18 @@ def test_read_images_lists_manifest_shards(ray_cluster, digits_dir):
     assert ds.schema().names == ["id", "image", "label", "attributes"]
 
 
+def test_read_images_decode_gives_the_dataset_pixels(ray_cluster, digits_dir):
+    rows = dd.read_images(digits_dir, decode=True).take_batch(5000, batch_format="numpy")
+    ref = ImageDataset.load(digits_dir)
+    order = np.argsort(rows["id"])
+    assert list(rows["id"][order]) == sorted(ref.ids)
+    expected = ref.images.numpy()[np.argsort(np.asarray(ref.ids))]
+    np.testing.assert_array_equal(rows[dd.PIXELS][order], expected)
+    np.testing.assert_array_equal(rows["attributes"][order],
+                                  ref.attributes.numpy()[np.argsort(np.asarray(ref.ids))])
+    assert "image" not in rows
+
+
 def test_extract_features_equals_single_process_and_rerun_replaces(ray_cluster, digits_dir,
                                                                     tmp_path):
     out = tmp_path / "features"

@@ -151,8 +151,8 @@ class FeatureExtractor:
                                    leave=False) as bar:
             for start in range(0, n, batch_size):
                 chunk = images[start:start + batch_size]
-                if isinstance(chunk, np.ndarray):
-                    chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+                if isinstance(chunk, np.ndarray):  # read-only arrays (Ray batches) are copied
+                    chunk = torch.from_numpy(np.require(chunk, requirements=["C", "W"]))
                 batch = self._to_uint8(chunk.to(self.device))
                 for key, value in self._forward(batch).items():
                     outputs.setdefault(key, []).append(value.detach().cpu().numpy())
