@@ -31,7 +31,7 @@ class DataConfig:
     reference_fraction: float = 0.05
     seed: int = 0
     dataset_dir: str = ""  # default: <output_dir>/data/<experiment name's data key>
-    augment: Literal["none", "hflip"] = "none"
+    augment: Literal["none", "hflip", "ada"] = "none"  # data.augment.AUGMENTS
 
 
 @dataclass
@@ -77,12 +77,26 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     label_dropout: float = 0.1
+    # per_sample: each label dropped to the null label with prob label_dropout; batch: one coin
+    # per step drops the whole batch's labels (the official CBDM code)
+    label_dropout_mode: Literal["per_sample", "batch"] = "per_sample"
+    init_from: str = ""  # fine-tune: start from this checkpoint (file or run folder)'s weights
+    init_weights: Literal["ema", "model"] = "ema"  # which weights of init_from
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     seed: int = 0
+
+
+@dataclass
+class CBDMConfig:
+    """Class-balancing regularizer (ALGORITHMS.md §4.2), used when diffusion.loss = cbdm."""
+
+    tau: float = 1.0
+    gamma: float = 0.25  # the official code's hard-coded 1/4
+    target_distribution: Literal["train", "uniform"] = "train"  # where y' is drawn from
 
 
 @dataclass
@@ -153,6 +167,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cbdm: CBDMConfig = field(default_factory=CBDMConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -161,6 +176,11 @@ class ExperimentConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).resolve() / "runs" / self.name
+
+    @property
+    def init_checkpoint(self) -> Path | None:
+        """train.init_from as an absolute path (None when training from scratch)."""
+        return Path(self.train.init_from).resolve() if self.train.init_from else None
 
     @property
     def dataset_path(self) -> Path:
@@ -398,8 +418,28 @@ def validate(cfg: ExperimentConfig) -> None:
             f"sample.steps: must be <= diffusion.num_timesteps ({cfg.diffusion.num_timesteps}), "
             f"got {cfg.sample.steps}"
         )
+    if cfg.cbdm.tau < 0 or cfg.cbdm.gamma < 0:
+        raise ConfigError(f"cbdm.tau and cbdm.gamma must be >= 0, got {cfg.cbdm.tau}, "
+                          f"{cfg.cbdm.gamma}")
+    if cfg.diffusion.loss == "cbdm" and not cfg.model.class_conditional:
+        raise ConfigError("diffusion.loss=cbdm: needs model.class_conditional: true")
     if not cfg.model.channel_mult:
         raise ConfigError("model.channel_mult: must list at least one multiplier")
+
+
+def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A copy whose local paths are absolute (resolved against this process's working folder),
+    for configs shipped to Ray workers that run elsewhere."""
+    def absolute(value: str) -> str:
+        return str(Path(value).resolve()) if value and "://" not in value else value
+
+    return dataclasses.replace(
+        cfg, output_dir=absolute(cfg.output_dir),
+        data=dataclasses.replace(cfg.data, dataset_dir=absolute(cfg.data.dataset_dir),
+                                 path=absolute(cfg.data.path)),
+        train=dataclasses.replace(cfg.train, init_from=absolute(cfg.train.init_from)),
+        metrics=dataclasses.replace(cfg.metrics, reference=absolute(cfg.metrics.reference)),
+    )
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

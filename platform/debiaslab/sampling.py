@@ -46,7 +46,7 @@ def load_trained(path: str | Path, *, use_ema: bool = True, device: str = "auto"
     cfg = from_dict(state["config"])
     data = state["data"]
     shape = tuple(int(v) for v in data["shape"])
-    loss = build_loss(cfg.diffusion)
+    loss = build_loss(cfg)
     model = loss.wrap(build_net(cfg, shape, int(data["num_classes"])))
     weights = state["ema"]["shadow"] if use_ema else state["model"]
     model.load_state_dict(weights)

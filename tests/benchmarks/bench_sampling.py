@@ -43,7 +43,7 @@ def main() -> None:
     net = build_net(cfg, (1, 16, 16), 10).eval()
     for p in net.parameters():  # a non-zero output head so the sampler does real arithmetic
         p.data.normal_(0, 0.02)
-    loss = build_loss(cfg.diffusion)
+    loss = build_loss(cfg)
     denoiser = loss.denoiser(net)
     seeds = list(range(args.batch))
     y = torch.arange(args.batch) % 10

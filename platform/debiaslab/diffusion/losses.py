@@ -34,6 +34,15 @@ class DiffusionLoss:
         """The module that is trained (e.g. EDM preconditioning around the raw network)."""
         return net
 
+    def setup(self, class_counts: Tensor, null_label: int | None) -> None:
+        """Called once by the trainer with the training set's per-class counts and the
+        network's null label (None for an unconditional network)."""
+
+    def draw_inputs(self, batch: int, generator: torch.Generator) -> dict[str, Tensor]:
+        """Extra per-sample loss inputs for a global batch of `batch`, drawn from the trainer's
+        per-step generator (the trainer hands each rank its slice)."""
+        return {}
+
     def sample_noise_level(self, batch: int, generator: torch.Generator) -> Tensor:
         raise NotImplementedError
 
@@ -58,7 +67,8 @@ class DenoisingLoss(DiffusionLoss):
         self.apply = apply
 
     @classmethod
-    def from_config(cls, diffusion: Any) -> "DenoisingLoss":
+    def from_config(cls, cfg: Any) -> "DenoisingLoss":
+        diffusion = cfg.diffusion
         return cls(build_schedule(diffusion.schedule, diffusion.num_timesteps), diffusion.target,
                    build_weighting(diffusion.weighting, **diffusion.weighting_params),
                    diffusion.weighting_apply)
@@ -99,7 +109,8 @@ class EDMLoss(DiffusionLoss):
         self.sigma_data = sigma_data
 
     @classmethod
-    def from_config(cls, diffusion: Any) -> "EDMLoss":
+    def from_config(cls, cfg: Any) -> "EDMLoss":
+        diffusion = cfg.diffusion
         return cls(build_schedule(diffusion.schedule, diffusion.num_timesteps),
                    diffusion.edm_p_mean, diffusion.edm_p_std, diffusion.sigma_data)
 
@@ -122,8 +133,9 @@ class EDMLoss(DiffusionLoss):
         return EDMDenoiser(precond, self.schedule)
 
 
-def build_loss(diffusion: Any) -> DiffusionLoss:
-    """Build the configured loss (``diffusion.loss`` names a LOSSES entry)."""
+def build_loss(cfg: Any) -> DiffusionLoss:
+    """Build the configured loss of an ExperimentConfig (``diffusion.loss`` names a LOSSES
+    entry; method losses read their own config section, e.g. ``cbdm``)."""
     import debiaslab.methods  # noqa: F401  (method modules register their losses/weightings)
 
-    return LOSSES.get(diffusion.loss).from_config(diffusion)
+    return LOSSES.get(cfg.diffusion.loss).from_config(cfg)

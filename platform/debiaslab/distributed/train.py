@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from debiaslab.config import ExperimentConfig, from_dict, to_dict
+from debiaslab.config import ExperimentConfig, absolute_paths, from_dict, to_dict
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
 from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -115,6 +115,7 @@ def _fit(cfg: ExperimentConfig, tracking_uri: str | None, mlflow_run_id: str | N
 
     from debiaslab.tracking import Tracker, resolve_tracking_uri
 
+    cfg = absolute_paths(cfg)  # workers may run in another folder (or on another node)
     d = cfg.distributed
     use_gpu = resolve_use_gpu(d.use_gpu)
     if mlflow_run_id is not None:

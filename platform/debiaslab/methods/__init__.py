@@ -1,3 +1,3 @@
 """One module per paper; importing this package registers every method's components."""
 
-from debiaslab.methods import debias  # noqa: F401
+from debiaslab.methods import cbdm, debias  # noqa: F401

@@ -29,7 +29,7 @@ MetricsFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, Path], None]
 ReportFn = Callable[[int, dict[str, float], "Path | None"], None]
 
-_STREAM_BATCH, _STREAM_NOISE = 1, 2  # independent per-step random streams
+_STREAM_BATCH, _STREAM_NOISE, _STREAM_LOSS = 1, 2, 3  # independent per-step random streams
 _SEED_STRIDE = 1_000_003
 
 
@@ -95,6 +95,8 @@ def build_net(cfg: ExperimentConfig, shape: tuple[int, int, int], num_classes: i
     """The raw score network from ``cfg.model`` for images of ``shape`` = (C, H, W)."""
     from debiaslab.nets import NETS
 
+    from debiaslab.data.augment import AUGMENTS
+
     m = cfg.model
     channels, height, _ = shape
     return NETS.build(
@@ -103,6 +105,7 @@ def build_net(cfg: ExperimentConfig, shape: tuple[int, int, int], num_classes: i
         attention_resolutions=tuple(m.attention_resolutions), image_size=height,
         dropout=m.dropout, head_channels=m.head_channels,
         num_classes=num_classes if m.class_conditional and num_classes > 1 else None,
+        aug_dim=AUGMENTS.get(cfg.data.augment).aug_dim,
     )
 
 
@@ -149,7 +152,10 @@ class Trainer:
         self.progress = progress and rank == 0
 
         torch.manual_seed(cfg.train.seed)
-        self.loss_fn: DiffusionLoss = build_loss(cfg.diffusion)
+        from debiaslab.data.augment import build_augment
+
+        self.loss_fn: DiffusionLoss = build_loss(cfg)
+        self.augment = build_augment(cfg.data.augment)
         self.num_classes = int(dataset.num_classes)
         self.net = build_net(cfg, tuple(dataset.shape), self.num_classes)
         self.model = self.loss_fn.wrap(self.net).to(self.device)
@@ -164,6 +170,8 @@ class Trainer:
         self._params = list(self.model.parameters())
         self.step = 0
         self.conditional = self.net_is_conditional()
+        self.loss_fn.setup(torch.tensor(self.dataset.class_counts(), dtype=torch.long),
+                           self.num_classes if self.conditional else None)
         self._perm_cache: dict[int, Tensor] = {}
 
     # ---------------------------------------------------------------- state
@@ -200,6 +208,7 @@ class Trainer:
                 f"{source}: trained with model.{k}={saved_model[k]!r}, config has {current[k]!r}; "
                 f"use a new experiment name or output_dir"
             )
+        self._check_model_config(state, source)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -208,6 +217,32 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def _check_model_config(self, state: dict[str, Any], source: Path) -> None:
+        saved = state.get("data", {})
+        ours = {"shape": list(self.dataset.shape), "num_classes": self.num_classes}
+        for key, value in ours.items():
+            if key in saved and saved[key] != value:
+                raise CheckpointError(f"{source}: trained on data with {key}={saved[key]}, this "
+                                      f"dataset has {value}")
+
+    def initialize_from(self, path: str | Path) -> Path:
+        """Fine-tuning: start from the weights (EMA by default, ``train.init_weights``) of
+        another run's checkpoint; optimizer, schedule, EMA and step start fresh."""
+        from debiaslab.training.checkpoint import resolve_checkpoint
+
+        source = resolve_checkpoint(path)
+        state = load_checkpoint(source, map_location=self.device)
+        self._check_model_config(state, source)
+        weights = state["ema"]["shadow"] if self.cfg.train.init_weights == "ema" else state["model"]
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "mismatch"
+            raise CheckpointError(f"{source}: weights do not fit this model.* / data.augment "
+                                  f"config ({first})") from None
+        self.ema.shadow.load_state_dict(weights)
+        return source
 
     def resume(self) -> Path | None:
         """Continue from the newest checkpoint in ``run_dir/checkpoints`` if there is one."""
@@ -251,21 +286,28 @@ class Trainer:
         noise = torch.randn((gb,) + tuple(x0.shape[1:]), generator=g)
         noise = noise.view(self.world_size, -1, *x0.shape[1:])[self.rank]
         g_aug = step_generator(cfg.seed, step, _STREAM_BATCH)
-        if self.cfg.data.augment == "hflip":
-            flip = (torch.rand(gb, generator=g_aug) < 0.5).view(self.world_size, -1)[self.rank]
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        x0, aug = self.augment(x0, g_aug, rank=self.rank, world_size=self.world_size)
         batch = {"x0": x0, "level": level, "noise": noise}
+        if aug is not None:
+            batch["aug"] = aug
         if self.conditional:
             y = self.dataset.labels[idx].clone()
-            drop = (torch.rand(gb, generator=g_aug) < cfg.label_dropout)
-            y[drop.view(self.world_size, -1)[self.rank]] = self.num_classes  # the null label
+            if cfg.label_dropout_mode == "batch":  # one coin per step for the whole batch
+                if float(torch.rand(1, generator=g_aug)) < cfg.label_dropout:
+                    y[:] = self.num_classes
+            else:
+                drop = torch.rand(gb, generator=g_aug) < cfg.label_dropout
+                y[drop.view(self.world_size, -1)[self.rank]] = self.num_classes  # null label
             batch["y"] = y
+        g_loss = step_generator(cfg.seed, step, _STREAM_LOSS)
+        for key, value in self.loss_fn.draw_inputs(gb, g_loss).items():
+            batch[key] = value.view(self.world_size, -1, *value.shape[1:])[self.rank]
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- loop
     def train_step(self, batch: dict[str, Tensor]) -> tuple[float, float]:
         self.train_model.train()
-        cond = {"y": batch["y"]} if "y" in batch else {}
+        cond = {k: v for k, v in batch.items() if k not in ("x0", "level", "noise")}
         with autocast(self.cfg.train.precision, self.device):
             per_sample = self.loss_fn(self.train_model, batch["x0"], batch["level"],
                                       batch["noise"], **cond)
@@ -301,7 +343,8 @@ class Trainer:
     def fit(self) -> TrainResult:
         """Train to ``train.steps`` (resuming first), checkpointing atomically along the way."""
         cfg = self.cfg.train
-        self.resume()
+        if self.resume() is None and self.cfg.init_checkpoint is not None:
+            self.initialize_from(self.cfg.init_checkpoint)
         result = TrainResult(step=self.step)
         window: list[float] = []
         metrics: dict[str, float] = {}
