@@ -126,14 +126,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from debiaslab.pipeline import run_experiment
+    from debiaslab.pipeline import run_experiment, seed_configs
 
     cfg = _load(args)
+    configs = seed_configs(args.config, args.overrides, args.seeds) if args.seeds else [cfg]
     if args.dry_run:
+        for c in configs if args.seeds else []:
+            print(f"seed {c.train.seed}: run {c.name} (group {c.tracking.group})")
         return 0
-    result = run_experiment(cfg)
-    for key, path in result.artifacts.items():
+    for c in configs:
+        result = run_experiment(c)
+        for key, path in result.artifacts.items():
+            print(f"{key}: {path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from debiaslab.compare import compare
+    from debiaslab.errors import ConfigError
+    from debiaslab.tracking import resolve_tracking_uri, ui_hint
+
+    tags = {}
+    for item in args.tag:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--tag {item!r}: expected KEY=VALUE")
+        tags[key] = value
+    uri = args.tracking_uri or resolve_tracking_uri(args.output_dir)
+    result = compare(uri, experiments=args.experiment, tags=tags, run_ids=args.run_ids,
+                     metrics=args.metrics, by=args.by,
+                     out_dir=args.out or os.path.join(args.output_dir, "compare"),
+                     log_to=None if args.no_log else (args.experiment or ["debiaslab"])[0])
+    print(result.markdown)
+    for key, path in result.files.items():
         print(f"{key}: {path}")
+    if result.mlflow_run_id:
+        print(f"logged to MLflow run {result.mlflow_run_id} ({ui_hint(uri)})")
     return 0
 
 
@@ -203,7 +231,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="data build + train + sample + evaluate in one MLflow run",
                        description="Run a whole experiment and record it in MLflow.")
     _add_config_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run once per training seed (names <name>-s<seed>, one MLflow group)")
     p.set_defaults(func=cmd_run)
+
+    from debiaslab.compare import DEFAULT_METRICS
+
+    p = sub.add_parser("compare", help="methods x metrics over seeds, from MLflow runs",
+                       description="Group finished MLflow runs by setting (seeds pooled) and "
+                                   "print mean ± 95%% CI per metric; writes compare.md and "
+                                   "compare.png and logs them to a comparison run.")
+    p.add_argument("--experiment", "-e", action="append", default=[],
+                   help="MLflow experiment name (repeatable)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="only runs with this tag value (repeatable)")
+    p.add_argument("--run-ids", nargs="+", default=[], help="compare exactly these runs")
+    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS),
+                   help="metric keys (default: %(default)s)")
+    p.add_argument("--by", nargs="+", default=[],
+                   help="group by these params (default: the debiaslab.group tag)")
+    p.add_argument("--output-dir", default="outputs",
+                   help="experiment output_dir holding mlflow.db (default: %(default)s)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                          "else <output-dir>/mlflow.db)")
+    p.add_argument("--out", help="folder for compare.md/png (default: <output-dir>/compare)")
+    p.add_argument("--no-log", action="store_true", help="do not log a comparison run")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -155,6 +155,7 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "debiaslab"
     run_name: str = ""
+    group: str = ""  # runs that differ only by seed share a group (tag debiaslab.group); "" = name
 
 
 @dataclass

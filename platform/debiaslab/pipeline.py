@@ -268,6 +268,26 @@ def eval_row(label: str, ev: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ whole run
 
 
+GROUP_TAG, SEED_TAG, METHOD_TAG = "debiaslab.group", "debiaslab.seed", "debiaslab.method"
+
+
+def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
+    """Tags that let `debiaslab compare` group seeds of one setting and name the method."""
+    return {GROUP_TAG: cfg.tracking.group or cfg.name, SEED_TAG: str(cfg.train.seed),
+            METHOD_TAG: cfg.diffusion.loss}
+
+
+def seed_configs(cfg_path: str | None, overrides: list[str], seeds: list[int]
+                 ) -> list[ExperimentConfig]:
+    """One config per training seed: ``train.seed=s``, name ``<name>-s<s>``, one group."""
+    from debiaslab.config import load_config
+
+    base = load_config(cfg_path, overrides)
+    group = base.tracking.group or base.name
+    return [load_config(cfg_path, [*overrides, f"train.seed={s}", f"name={base.name}-s{s}",
+                                   f"tracking.group={group}"]) for s in seeds]
+
+
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResult:
     """data build -> train -> sample (+ plots), all recorded in one MLflow run."""
     from debiaslab.report import class_count_figure, save_figure
@@ -277,7 +297,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResu
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker_cm = (Tracker(cfg.output_dir, cfg.tracking.experiment,
-                          cfg.tracking.run_name or cfg.name)
+                          cfg.tracking.run_name or cfg.name, tags=run_tags(cfg))
                   if cfg.tracking.enabled else None)
     if tracker_cm is None:
         result = train(cfg, progress=progress)

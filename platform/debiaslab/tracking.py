@@ -16,10 +16,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
+
+from debiaslab.errors import DebiaslabError
 
 MAX_PARAM_VALUE_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE_CHARS = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
@@ -445,3 +448,79 @@ class Tracker:
 def _artifact_dir(artifact_file: str) -> str | None:
     parent = Path(artifact_file).parent.as_posix()
     return None if parent in ("", ".") else parent
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class RunRecord:
+    """One MLflow run as plain data (what `debiaslab compare` and sweeps read back)."""
+
+    run_id: str
+    name: str
+    status: str
+    experiment: str
+    params: dict[str, str]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+SEARCH_PAGE = 1000
+
+
+def find_runs(
+    tracking_uri: str,
+    *,
+    experiments: Sequence[str] = (),
+    tags: Mapping[str, str] | None = None,
+    run_ids: Sequence[str] = (),
+    statuses: Sequence[str] = ("FINISHED",),
+) -> list[RunRecord]:
+    """Runs of the named experiments (or the given run ids) whose tags match ``tags`` exactly
+    and whose status is in ``statuses`` (empty: any), oldest first. Unknown experiments and run
+    ids are :class:`DebiaslabError` s naming them."""
+    from mlflow.exceptions import MlflowException
+
+    client = _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
+    names: dict[str, str] = {}
+    runs = []
+    if run_ids:
+        for run_id in run_ids:
+            try:
+                runs.append(client.get_run(run_id))
+            except MlflowException:
+                raise DebiaslabError(f"run {run_id!r} not found in {tracking_uri}") from None
+    else:
+        ids = []
+        for name in experiments:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                known = sorted(e.name for e in client.search_experiments())
+                raise DebiaslabError(f"experiment {name!r} not found in {tracking_uri}; "
+                                     f"known: {', '.join(known) or 'none'}")
+            ids.append(exp.experiment_id)
+            names[exp.experiment_id] = name
+        token = None
+        while ids:
+            page = client.search_runs(ids, max_results=SEARCH_PAGE, page_token=token,
+                                      order_by=["attributes.start_time ASC"])
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    records = []
+    for run in runs:
+        exp_id = run.info.experiment_id
+        if exp_id not in names:
+            names[exp_id] = client.get_experiment(exp_id).name
+        record = RunRecord(run_id=run.info.run_id, name=run.info.run_name or "",
+                           status=run.info.status, experiment=names[exp_id],
+                           params=dict(run.data.params), metrics=dict(run.data.metrics),
+                           tags=dict(run.data.tags))
+        if statuses and record.status not in statuses:
+            continue
+        if any(record.tags.get(k) != v for k, v in (tags or {}).items()):
+            continue
+        records.append(record)
+    return records
