@@ -165,6 +165,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from debiaslab.sweeps import load_sweep
+
+        sweep = load_sweep(args.config, args.overrides)
+        print(f"sweep {sweep.name}: {sweep.kind} trials x {sweep.num_trials} over "
+              f"{', '.join(sweep.specs)} of {sweep.experiment}; objective "
+              + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objectives))
+        print("sweep OK (dry run: nothing was run)")
+        return 0
+    from debiaslab.distributed.sweep import run_sweep
+
+    result = run_sweep(args.config, args.overrides)
+    print(f"best trial {result.best_trial_id}: {result.best_config}")
+    print("  " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.best_metrics.items())
+                           if k.startswith("eval/") and k.count("/") == 1)[:400])
+    print(f"parent MLflow run {result.parent_run_id}; Tune state {result.sweep_dir}")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from debiaslab.quickstart import quickstart
 
@@ -234,6 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run once per training seed (names <name>-s<seed>, one MLflow group)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="Ray Tune + Optuna sweep (configs/sweeps/*.yaml)",
+                       description="Search sampling or training knobs against an MLflow-logged "
+                                   "metric; re-running an interrupted sweep resumes it.")
+    p.add_argument("--config", "-c", required=True, help="sweep YAML (configs/sweeps/...)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a sweep field, e.g. --set num_trials=4 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate the sweep and exit")
+    p.set_defaults(func=cmd_sweep)
 
     from debiaslab.compare import DEFAULT_METRICS
 

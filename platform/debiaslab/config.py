@@ -213,6 +213,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
+    if tp is Any:
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")

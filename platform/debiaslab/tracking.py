@@ -524,3 +524,12 @@ def find_runs(
             continue
         records.append(record)
     return records
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED",
+            tags: Mapping[str, str] | None = None) -> None:
+    """Set tags on and terminate a run someone else opened (e.g. a trial killed by Tune)."""
+    client = _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
+    for key, value in (tags or {}).items():
+        _retry_locked(client.set_tag, run_id, key, value)
+    _retry_locked(client.set_terminated, run_id, status=status)

@@ -1,0 +1,377 @@
+"""Ray Tune + Optuna sweeps (configs/sweeps/*.yaml) against metrics logged in MLflow: one parent
+run per sweep, one child run per trial, resumable with ``Tuner.restore``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from debiaslab.config import ExperimentConfig, absolute_paths, to_dict
+from debiaslab.errors import ConfigError, DebiaslabError
+from debiaslab.sweeps import (
+    TRAIN_METRICS, SweepConfig, check_objectives, importance_and_scatter_figures, trial_config,
+)
+
+from .runtime import init_ray, ray_env, shutdown_ray
+
+STATE_FILE = "debiaslab_sweep.json"  # parent MLflow run id, beside Tune's experiment state
+SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "debiaslab.sweep", "debiaslab.trial_id", "mlflow.parentRunId"
+KIND_TAG = "debiaslab.kind"
+PROBE_IMAGES = 64  # reference images evaluated once to learn which metrics trials report
+RUNG_KEY = "rung"
+ATTEMPTS_FILE = "attempts.txt"  # in the trial's run folder: one line per execution
+
+
+@dataclass
+class SweepResult:
+    best_config: dict[str, Any]
+    best_metrics: dict[str, float]
+    best_trial_id: str
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    parent_run_id: str = ""
+    sweep_dir: Path = Path()
+    restored: bool = False
+
+
+# ------------------------------------------------------------------------------- search space
+
+
+def param_space(sweep: SweepConfig) -> dict[str, Any]:
+    """Tune's param_space dict (OptunaSearch converts it to Optuna distributions)."""
+    from ray import tune
+
+    builders = {
+        "float": lambda s: tune.uniform(s.low, s.high),
+        "log": lambda s: tune.loguniform(s.low, s.high),
+        "int": lambda s: tune.randint(int(s.low), int(s.high) + 1),  # upper bound exclusive
+        "categorical": lambda s: tune.choice(list(s.choices)),
+    }
+    return {path: builders[spec.type](spec) for path, spec in sweep.specs.items()}
+
+
+def reported_metrics(sweep: SweepConfig) -> set[str]:
+    """Metric names a trial reports: one real evaluation of a few reference images (so the
+    extractor, reference set and metric settings are the trials' own), plus training metrics."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.metrics.evaluate import SampleSet
+    from debiaslab.pipeline import build_metric_extractor, evaluate_samples, reference_path
+
+    cfg = sweep.base
+    assert cfg is not None
+    ref = ImageDataset.load(reference_path(cfg))
+    idx = np.linspace(0, len(ref.ids) - 1, min(PROBE_IMAGES, len(ref.ids))).astype(int)
+    probe = SampleSet(ref.images.numpy()[idx], ref.labels.numpy()[idx], "probe")
+    probe_cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, bootstrap=0))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = evaluate_samples(probe_cfg, probe, extractor=build_metric_extractor(cfg),
+                              out_dir=Path(tmp))
+    names = {f"eval/{k}" for k in ev.metrics}
+    if sweep.kind == "training":
+        names |= set(TRAIN_METRICS)
+    return names
+
+
+def concurrent_trials(sweep: SweepConfig) -> int:
+    """``max_concurrent_trials``, or as many trials as the cluster's CPUs (and GPUs) hold."""
+    import ray
+
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    cfg = sweep.base
+    assert cfg is not None
+    cpus = sweep.cpus_per_trial
+    gpus = sweep.gpus_per_trial
+    if sweep.kind == "training":
+        cpus += cfg.distributed.num_workers * cfg.distributed.cpus_per_worker
+    resources = ray.cluster_resources()
+    fits = [math.floor(resources.get("CPU", 1) / cpus)]
+    if gpus > 0:
+        fits.append(math.floor(resources.get("GPU", 0) / gpus))
+    return max(1, min(fits))
+
+
+# ------------------------------------------------------------------------------------- trials
+
+
+def _trial_name(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}-{trial_id}"
+
+
+def _child_tracker(ctx: dict[str, Any], trial_id: str, name: str) -> Any:
+    """The trial's MLflow child run: reused if a previous attempt of this trial created it."""
+    from debiaslab.tracking import Tracker, find_runs
+
+    tags = {SWEEP_TAG: ctx["sweep_name"], TRIAL_TAG: trial_id}
+    existing = find_runs(ctx["tracking_uri"], experiments=[ctx["experiment"]], tags=tags,
+                         statuses=())
+    return Tracker(ctx["output_dir"], ctx["experiment"], name,
+                   tags={**tags, PARENT_TAG: ctx["parent_run_id"], KIND_TAG: "trial"},
+                   tracking_uri=ctx["tracking_uri"],
+                   run_id=existing[0].run_id if existing else None, end_run=True)
+
+
+def _rung_sizes(total: int, rungs: int) -> list[int]:
+    return [math.ceil(total * r / rungs) for r in range(1, rungs + 1)]
+
+
+def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Path,
+                         done: list[Any], upto: int, extractor: Any) -> tuple[Any, Path]:
+    """Sample seeds [seed_start + len(done), seed_start + upto) with the first sampler, add them
+    to ``done`` and evaluate all of them (the same seed range in every trial)."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.metrics.evaluate import SampleSet
+    from debiaslab.pipeline import evaluate_samples, sample
+
+    s = cfg.sample
+    have = sum(len(d.ids) for d in done)
+    sampler = s.samplers[0]
+    if upto > have:
+        part = dataclasses.replace(cfg, sample=dataclasses.replace(
+            s, seed_start=s.seed_start + have, num_samples=upto - have, samplers=(sampler,)),
+            distributed=dataclasses.replace(cfg.distributed, backend="local"))
+        res = sample(part, checkpoint, out_dir=trial_dir / f"samples-{have:06d}", progress=False)
+        done.append(ImageDataset.load(res.artifacts[f"samples_{sampler}"]))
+    images = np.concatenate([d.images.numpy() for d in done])
+    labels = np.concatenate([d.labels.numpy() for d in done])
+    has_labels = bool((labels >= 0).all())
+    samples = SampleSet(images, labels if has_labels else None, f"{cfg.name}/{sampler}")
+    ev = evaluate_samples(cfg, samples, extractor=extractor, name=sampler,
+                          out_dir=trial_dir / "eval")
+    grid = trial_dir / f"samples-{0:06d}" / f"grid_{sampler}.png"
+    return ev, grid
+
+
+def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One Tune trial: the base experiment with this trial's values; sampling trials reuse the
+    fixed checkpoint, training trials train it with Ray Train first. Reports after each rung."""
+    from ray import tune
+
+    from debiaslab.pipeline import build_metric_extractor, train
+    from debiaslab.sweeps import load_sweep
+
+    ray_env()
+    sweep = load_sweep(ctx["sweep_file"], ctx["sweep_overrides"])
+    trial_id = tune.get_context().get_trial_id()
+    name = _trial_name(sweep.name, trial_id)
+    cfg = absolute_paths(trial_config(sweep, dict(config), name))
+    cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
+        cfg.tracking, run_name=name, group=name))
+    trial_dir = cfg.run_dir
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    with open(trial_dir / ATTEMPTS_FILE, "a", encoding="utf-8") as fh:  # one line per attempt
+        fh.write(f"{os.getpid()}\n")
+    extractor = build_metric_extractor(cfg)
+    done: list[Any] = []
+    final: dict[str, Any] = {}
+    with _child_tracker(ctx, trial_id, name) as tracker:
+        tracker.log_config(to_dict(cfg))
+        tracker.log_params({f"sweep.{k}": v for k, v in config.items()})
+        steps = _rung_sizes(cfg.train.steps, sweep.rungs)
+        sizes = _rung_sizes(cfg.sample.num_samples, sweep.rungs)
+        checkpoint = Path(ctx["checkpoint"]) if ctx["checkpoint"] else None
+        for rung in range(1, sweep.rungs + 1):
+            metrics: dict[str, float] = {}
+            if sweep.kind == "training":  # each rung trains further (Ray Train resumes the run)
+                rung_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+                    cfg.train, steps=steps[rung - 1]), distributed=dataclasses.replace(
+                    cfg.distributed, backend="ray"))
+                trained = train(rung_cfg, tracker=tracker, progress=False)
+                checkpoint = trained.checkpoint
+                done = []  # a new checkpoint: the samples are new too
+                metrics.update({k: v for k, v in trained.metrics.items()})
+                sample_upto = cfg.sample.num_samples
+            else:
+                sample_upto = sizes[rung - 1]
+            assert checkpoint is not None
+            ev, grid = _sample_and_evaluate(cfg, checkpoint, trial_dir, done, sample_upto,
+                                            extractor)
+            metrics.update({f"eval/{k}": float(v) for k, v in ev.metrics.items()
+                            if v is not None})
+            tracker.log_metrics(metrics, step=rung)
+            if grid.is_file():
+                tracker.log_artifact(grid, "samples")
+            report = {**metrics, RUNG_KEY: rung, "samples": sample_upto}
+            if rung == sweep.rungs:  # Tune may stop the actor at the last report: end the run
+                final = report
+                break
+            tune.report(report)
+    tune.report(final)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _read_state(sweep_dir: Path) -> dict[str, Any]:
+    path = sweep_dir / STATE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    tmp = sweep_dir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(sweep_dir / STATE_FILE)  # atomic: never a half-written state file
+
+
+def _sampling_checkpoint(sweep: SweepConfig) -> str:
+    from debiaslab.training.checkpoint import resolve_checkpoint
+
+    assert sweep.base is not None
+    target = sweep.checkpoint or str(sweep.base.run_dir)
+    try:
+        return str(resolve_checkpoint(target))
+    except DebiaslabError:
+        raise ConfigError(f"checkpoint: no trained checkpoint at {target}; train the base "
+                          f"experiment first (debiaslab train --config {sweep.experiment})"
+                          ) from None
+
+
+def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = None, *,
+              progress: bool = True) -> SweepResult:
+    """Run (or resume) the sweep of ``sweep_file``: validate everything first, then Tune with
+    OptunaSearch (TPE; multi-objective with a second objective) and optional ASHA, each trial
+    logging to an MLflow child run of the sweep's parent run."""
+    from debiaslab.sweeps import load_sweep
+
+    sweep = load_sweep(sweep_file, overrides)
+    reported = reported_metrics(sweep)
+    check_objectives(sweep, reported)
+    checkpoint = _sampling_checkpoint(sweep) if sweep.kind == "sampling" else ""
+    base = sweep.base
+    assert base is not None
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        init_ray(base.distributed.address,
+                 object_store_memory_gb=base.distributed.object_store_memory_gb)
+        started = True
+    try:
+        return _tune(sweep, str(Path(sweep_file).resolve()), list(overrides or []), checkpoint,
+                     progress)
+    finally:
+        if started:
+            shutdown_ray()
+
+
+def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint: str,
+          progress: bool) -> SweepResult:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from debiaslab.tracking import Tracker, resolve_tracking_uri
+
+    base = sweep.base
+    assert base is not None
+    sweep_dir = sweep.sweep_dir
+    state = _read_state(sweep_dir)
+    restorable = tune.Tuner.can_restore(str(sweep_dir))
+    tracking_uri = resolve_tracking_uri(base.output_dir)
+    experiment = base.tracking.experiment
+    parent_id = state.get("parent_run_id") if restorable else None
+    parent = Tracker(base.output_dir, experiment, sweep.name,
+                     tags={SWEEP_TAG: sweep.name, KIND_TAG: "sweep"}, tracking_uri=tracking_uri,
+                     run_id=parent_id, end_run=True)
+    with parent:
+        if parent_id is None:
+            parent.log_params({"sweep.kind": sweep.kind, "sweep.num_trials": sweep.num_trials,
+                               "sweep.objective": sweep.objective.metric,
+                               "sweep.experiment": sweep.experiment,
+                               **{f"space.{k}": json.dumps(dataclasses.asdict(v))
+                                  for k, v in sweep.specs.items()}})
+            _write_state(sweep_dir, {"parent_run_id": parent.run_id, "sweep_file": sweep_file})
+        ctx = {"sweep_file": sweep_file, "sweep_overrides": overrides,
+               "sweep_name": sweep.name, "tracking_uri": tracking_uri,
+               "experiment": experiment, "output_dir": str(Path(base.output_dir).resolve()),
+               "parent_run_id": parent.run_id, "checkpoint": checkpoint}
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                        {"cpu": sweep.cpus_per_trial,
+                                         "gpu": sweep.gpus_per_trial})
+        objectives = sweep.objectives
+        metric, mode = objectives[0].metric, objectives[0].mode
+        if restorable:
+            tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            multi = len(objectives) > 1
+            searcher = OptunaSearch(
+                metric=[o.metric for o in objectives] if multi else metric,
+                mode=[o.mode for o in objectives] if multi else mode, seed=sweep.seed)
+            scheduler = None
+            if sweep.scheduler.type == "asha":
+                scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric,
+                                          mode=mode, max_t=sweep.rungs,
+                                          grace_period=sweep.scheduler.grace_period,
+                                          reduction_factor=sweep.scheduler.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(sweep),
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher, scheduler=scheduler, num_samples=sweep.num_trials,
+                    max_concurrent_trials=concurrent_trials(sweep),
+                    trial_name_creator=lambda t: _trial_name(sweep.name, t.trial_id),
+                    trial_dirname_creator=lambda t: _trial_name(sweep.name, t.trial_id)),
+                run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage),
+                                          verbose=1 if progress else 0),
+            )
+        grid = tuner.fit()
+        errors = [r.error for r in grid if r.error is not None]
+        trials = [{"trial_id": r.metrics.get("trial_id", ""), "params": dict(r.config),
+                   "metrics": {k: v for k, v in r.metrics.items()
+                               if isinstance(v, (int, float)) and "/" in k}}
+                  for r in grid if r.metrics]
+        if not trials:
+            raise DebiaslabError(f"sweep {sweep.name}: no trial reported a result "
+                                 f"(first error: {errors[0] if errors else 'none'})")
+        _end_stopped_children(tracking_uri, experiment, sweep.name)
+        best = grid.get_best_result(metric=metric, mode=mode, scope="last")
+        result = SweepResult(best_config=dict(best.config),
+                             best_metrics={k: v for k, v in best.metrics.items()
+                                           if isinstance(v, (int, float)) and "/" in k},
+                             best_trial_id=str(best.metrics.get("trial_id", "")),
+                             trials=trials, parent_run_id=parent.run_id, sweep_dir=sweep_dir,
+                             restored=restorable)
+        _log_summary(parent, sweep, result)
+    return result
+
+
+def _end_stopped_children(tracking_uri: str, experiment: str, sweep_name: str) -> None:
+    """Trials stopped early by the scheduler are killed mid-run: end their child runs
+    (FINISHED, tagged ``debiaslab.stopped_early``) so none is left RUNNING."""
+    from debiaslab.tracking import end_run, find_runs
+
+    for run in find_runs(tracking_uri, experiments=[experiment],
+                         tags={SWEEP_TAG: sweep_name, KIND_TAG: "trial"},
+                         statuses=("RUNNING",)):
+        end_run(tracking_uri, run.run_id, "FINISHED", tags={"debiaslab.stopped_early": "true"})
+
+
+def _log_summary(parent: Any, sweep: SweepConfig, result: SweepResult) -> None:
+    """Best config and metrics, a trials table, importance and objective-vs-parameter plots."""
+    from debiaslab.report import markdown_table, save_figure
+
+    parent.log_params({f"best.{k}": v for k, v in result.best_config.items()})
+    parent.set_tag("best_trial_id", result.best_trial_id)
+    parent.log_metrics({f"best/{k}": v for k, v in result.best_metrics.items()})
+    out = result.sweep_dir / "summary"
+    out.mkdir(parents=True, exist_ok=True)
+    metric_cols = [o.metric for o in sweep.objectives]
+    rows = [{"trial": t["trial_id"], **t["params"],
+             **{m: t["metrics"].get(m) for m in metric_cols}} for t in result.trials]
+    rows.sort(key=lambda r: (r[metric_cols[0]] is None, r[metric_cols[0]] or 0.0),
+              reverse=sweep.objective.mode == "max")
+    table = out / "trials.md"
+    table.write_text(markdown_table(rows), encoding="utf-8")
+    parent.log_artifact(table, "sweep")
+    for name, fig in importance_and_scatter_figures(sweep, result.trials).items():
+        parent.log_artifact(save_figure(fig, out / f"{name}.png"), "sweep")

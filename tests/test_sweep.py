@@ -1,0 +1,193 @@
+"""Ray Tune + Optuna sweeps on local Ray with a real MLflow store: sampling and training trials,
+best trial = lowest logged FID, parent/child runs, bad input before any trial, and resume after
+the driver is really killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from debiaslab.config import load_config
+from debiaslab.data.dataset import ImageDataset
+from debiaslab.distributed.runtime import init_ray, shutdown_ray
+from debiaslab.distributed.sweep import run_sweep
+from debiaslab.errors import ConfigError
+from debiaslab.pipeline import build_data
+from debiaslab.sweeps import load_sweep
+from debiaslab.tracking import find_runs, resolve_tracking_uri
+from debiaslab.training.loop import Trainer
+
+RAY_TMP = "/tmp/dl-sweep-test"
+KILL_AFTER_FINISHED = 2
+KILL_TIMEOUT_S = 600
+EXPERIMENT = {
+    "name": "tiny", "model": {"model_channels": 16, "channel_mult": [1, 2],
+                              "attention_resolutions": [], "head_channels": 16},
+    "diffusion": {"loss": "cbdm"},
+    "train": {"steps": 4, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 4,
+              "log_every": 2, "device": "cpu"},
+    "sample": {"samplers": ["ddim"], "steps": 3, "num_samples": 40, "batch_size": 40,
+               "labels": "uniform"},
+    "metrics": {"bootstrap": 0},
+    "distributed": {"num_workers": 1, "cpus_per_worker": 1.0},
+    "tracking": {"experiment": "sweeps"},
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny CBDM experiment on digits-LT with a trained checkpoint (single process)."""
+    root = tmp_path_factory.mktemp("sweep")
+    exp = dict(EXPERIMENT, output_dir=str(root / "out"))
+    path = root / "experiment.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    cfg = load_config(path)
+    build_data(cfg)
+    Trainer(cfg, ImageDataset.load(cfg.dataset_path), cfg.run_dir, progress=False).fit()
+    return root, path, cfg
+
+
+@pytest.fixture(scope="module")
+def ray_env_tmp():
+    old = os.environ.get("DEBIASLAB_RAY_TMP")
+    os.environ["DEBIASLAB_RAY_TMP"] = RAY_TMP
+    yield
+    if old is None:
+        os.environ.pop("DEBIASLAB_RAY_TMP", None)
+    else:
+        os.environ["DEBIASLAB_RAY_TMP"] = old
+
+
+def write_sweep(root: Path, experiment: Path, name: str, **fields) -> Path:
+    sweep = {"name": name, "experiment": str(experiment), "kind": "sampling",
+             "params": {"sample.cfg_omega": {"type": "float", "low": 0.0, "high": 3.0}},
+             "objective": {"metric": "eval/fid", "mode": "min"}, "num_trials": 4,
+             "cpus_per_trial": 1.0}
+    sweep.update(fields)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def children(cfg, sweep_name: str) -> list:
+    return find_runs(resolve_tracking_uri(cfg.output_dir), experiments=["sweeps"],
+                     tags={"debiaslab.sweep": sweep_name, "debiaslab.kind": "trial"},
+                     statuses=())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"params": {"sample.cfg_omega": {"type": "float", "low": 2.0, "high": 1.0}}},
+     "params.sample.cfg_omega: empty or inverted range"),
+    ({"params": {"sample.cfg_omega": {"type": "float", "low": 1.0, "high": 1.0}}},
+     "empty or inverted range"),
+    ({"params": {"sample.cfg_omegaa": {"type": "float", "low": 0.0, "high": 1.0}}},
+     "params.sample.cfg_omegaa: unknown config key 'sample.cfg_omegaa'"),
+    ({"params": {"cbdm.tau": {"type": "log", "low": 0.1, "high": 1.0}}},
+     "a sampling sweep reuses one checkpoint"),
+    ({"params": {"sample.steps": {"type": "categorical", "choices": []}}},
+     "non-empty choices"),
+    ({"objective": {"metric": "eval/fidd", "mode": "min"}},
+     "objective metric 'eval/fidd' is not reported by any trial; trials report: "),
+    ({"checkpoint": "/nonexistent/run"}, "checkpoint: no trained checkpoint at /nonexistent/run"),
+])
+def test_bad_sweeps_fail_in_one_line_before_any_trial(base, tmp_path, change, message):
+    import ray
+
+    root, experiment, _ = base
+    path = write_sweep(tmp_path, experiment, "bad", **change)
+    with pytest.raises(ConfigError) as info:
+        run_sweep(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not ray.is_initialized()  # nothing started
+    assert not (tmp_path / "out").exists()
+
+
+def test_sampling_sweep_multi_objective_with_asha(base, ray_env_tmp):
+    root, experiment, cfg = base
+    path = write_sweep(root, experiment, "omega", rungs=2, scheduler={"type": "asha"},
+                       second_objective={"metric": "eval/tail_recall", "mode": "max"})
+    init_ray(num_cpus=2, object_store_memory_gb=1.0)
+    try:
+        result = run_sweep(path, progress=False)
+    finally:
+        shutdown_ray()
+    runs = children(cfg, "omega")
+    assert len(runs) == 4 and all(r.status == "FINISHED" for r in runs)
+    assert len({r.tags["debiaslab.trial_id"] for r in runs}) == 4
+    assert {r.tags["mlflow.parentRunId"] for r in runs} == {result.parent_run_id}
+    best = min(runs, key=lambda r: r.metrics["eval/fid"])  # lowest FID logged in MLflow
+    assert best.tags["debiaslab.trial_id"] == result.best_trial_id
+    assert result.best_metrics["eval/fid"] == pytest.approx(best.metrics["eval/fid"])
+    parent = find_runs(resolve_tracking_uri(cfg.output_dir), run_ids=[result.parent_run_id])[0]
+    assert float(parent.params["best.sample.cfg_omega"]) == pytest.approx(
+        result.best_config["sample.cfg_omega"])
+    assert parent.status == "FINISHED"
+    for name in ("trials.md", "objective_vs_params.png", "param_importance.png"):
+        assert (result.sweep_dir / "summary" / name).is_file(), name
+
+
+def test_training_sweep_trains_each_trial_with_ray_train(base, ray_env_tmp):
+    root, experiment, cfg = base
+    path = write_sweep(root, experiment, "tau", kind="training", num_trials=2,
+                       cpus_per_trial=0.5,
+                       params={"cbdm.tau": {"type": "log", "low": 0.1, "high": 10.0}})
+    init_ray(num_cpus=2, object_store_memory_gb=1.0)
+    try:
+        result = run_sweep(path, progress=False)
+    finally:
+        shutdown_ray()
+    runs = children(cfg, "tau")
+    assert len(runs) == 2 and all(r.status == "FINISHED" for r in runs)
+    for run in runs:  # rank 0 of the trial's Ray Train run logged into the child run
+        assert "train/loss" in run.metrics and "eval/fid" in run.metrics
+        ckpt = Path(cfg.output_dir) / "ray_results" / run.name
+        assert any(ckpt.glob("checkpoint_*")), ckpt
+    best = min(runs, key=lambda r: r.metrics["eval/fid"])
+    assert best.tags["debiaslab.trial_id"] == result.best_trial_id
+    assert set(result.best_config) == {"cbdm.tau"}
+
+
+def test_killed_driver_resumes_without_rerunning_or_duplicating(base, tmp_path, ray_env_tmp):
+    root, experiment, cfg = base
+    path = write_sweep(root, experiment, "resume", num_trials=5, max_concurrent_trials=1)
+    env = dict(os.environ, DEBIASLAB_RAY_TMP=RAY_TMP + "-driver")
+    driver = subprocess.Popen([sys.executable, "-m", "debiaslab.cli", "sweep", "-c", str(path)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + KILL_TIMEOUT_S
+    try:
+        while time.time() < deadline:
+            done = [r for r in children(cfg, "resume") if r.status == "FINISHED"]
+            if len(done) >= KILL_AFTER_FINISHED or driver.poll() is not None:
+                break
+            time.sleep(1.0)
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only: Ray's processes share its fate
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    finished_before = {r.tags["debiaslab.trial_id"] for r in children(cfg, "resume")
+                       if r.status == "FINISHED"}
+    assert len(finished_before) >= KILL_AFTER_FINISHED
+    init_ray(num_cpus=2, object_store_memory_gb=1.0)
+    try:
+        result = run_sweep(path, progress=False)
+    finally:
+        shutdown_ray()
+    assert result.restored
+    runs = children(cfg, "resume")
+    ids = [r.tags["debiaslab.trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)) == 5  # no duplicate child runs, the configured total
+    assert len(result.trials) == 5
+    assert all(r.status == "FINISHED" for r in runs)
+    for trial_id in finished_before:  # finished trials ran exactly once
+        attempts = Path(cfg.output_dir) / "runs" / f"resume-{trial_id}" / "attempts.txt"
+        assert len(attempts.read_text().splitlines()) == 1, trial_id
