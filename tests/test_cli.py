@@ -96,7 +96,8 @@ def test_run_end_to_end_records_mlflow(tmp_path, capsys):
     assert {"eval/fid", "eval/ddim/fid", "eval/dpmpp_2m/fid"} <= set(run.data.metrics)
 
 
-@pytest.mark.parametrize("job", ["build_data", "train", "sample", "pipeline"])
+@pytest.mark.parametrize("job", ["build_data", "extract", "train", "sample", "evaluate",
+                                 "pipeline"])
 def test_job_entry_points_dry_run(job, tmp_path):
     proc = subprocess.run(
         [sys.executable, f"jobs/{job}.py", "-c", "configs/experiments/digits_lt_baseline.yaml",

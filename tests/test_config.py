@@ -100,3 +100,14 @@ def test_every_shipped_config_validates():
     assert experiments, "configs/experiments/ holds at least one experiment"
     for f in experiments:
         load_config(f)
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in (ROOT / "configs").rglob("*.yaml")),
+                         ids=lambda p: Path(p).name)
+def test_every_shipped_config_passes_dry_run(path):
+    """Experiments through `debiaslab run --dry-run`, sweeps through `debiaslab sweep --dry-run`
+    (the sweep also resolves and validates its base experiment and every range end)."""
+    from debiaslab.cli import main
+
+    command = "sweep" if "sweeps" in Path(path).parts else "run"
+    assert main([command, "-c", path, "--dry-run"]) == 0

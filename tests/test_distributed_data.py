@@ -156,3 +156,14 @@ def test_sample_job_images_depend_only_on_seeds(ray_cluster, tiny_checkpoint, tm
     uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     assert pngs == [encode_png(img) for img in uint8]
     assert labels == y.tolist()
+
+
+def test_extract_command_writes_features(ray_cluster, digits_dir, tmp_path, capsys):
+    from debiaslab.cli import main
+
+    out = tmp_path / "features"
+    code = main(["extract", "--set", f"output_dir={tmp_path}", "--set", "metrics.extractor=digits",
+                 "--dataset", str(digits_dir), "--out", str(out)])
+    assert code == 0 and f"features: {out}" in capsys.readouterr().out
+    ids, features, _, _ = dd.read_features(out)
+    assert len(ids) == read_manifest(digits_dir).num_rows and features.shape[1] > 0

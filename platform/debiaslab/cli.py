@@ -165,6 +165,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from debiaslab.pipeline import build_data, extract_features
+
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    if not args.dataset:
+        build_data(cfg)
+    out = extract_features(cfg, Path(args.dataset) if args.dataset else None,
+                           Path(args.out) if args.out else None)
+    print(f"features: {out}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         from debiaslab.sweeps import load_sweep
@@ -254,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run once per training seed (names <name>-s<seed>, one MLflow group)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("extract", help="metric features of a dataset with a Ray Data actor pool",
+                       description="Run the configured feature extractor over a dataset folder "
+                                   "(Ray Data map job) and write Parquet features.")
+    _add_config_args(p)
+    p.add_argument("--dataset", help="dataset folder or s3:// / gs:// URI "
+                                     "(default: the config's training data, built if missing)")
+    p.add_argument("--out", help="output folder (default: <output_dir>/features/<dataset>-"
+                                 "<extractor>)")
+    p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("sweep", help="Ray Tune + Optuna sweep (configs/sweeps/*.yaml)",
                        description="Search sampling or training knobs against an MLflow-logged "

@@ -184,6 +184,25 @@ def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Pa
 
 # ------------------------------------------------------------------------------------ evaluate
 
+def extract_features(cfg: ExperimentConfig, dataset: Path | None = None,
+                     out: Path | None = None) -> Path:
+    """Metric features (cfg.metrics.extractor) of a dataset folder as Parquet, by a Ray Data
+    actor pool with the distributed.map_* settings."""
+    from debiaslab.distributed.data import extract_features_job
+    from debiaslab.distributed.runtime import ray_session
+
+    dataset = dataset or train_data_path(cfg)
+    out = out or (Path(cfg.output_dir).resolve() / "features"
+                  / f"{Path(str(dataset)).name}-{cfg.metrics.extractor}")
+    d = cfg.distributed
+    options = extractor_options(cfg)
+    with ray_session(d.address, object_store_memory_gb=d.object_store_memory_gb):
+        return extract_features_job(dataset, cfg.metrics.extractor, out,
+                                    extractor_options=options,
+                                    concurrency=d.map_concurrency, batch_size=d.map_batch_size,
+                                    num_cpus=d.map_num_cpus, num_gpus=d.map_num_gpus)
+
+
 EVAL_TABLE_COLUMNS = ["samples", "fid", "kid", "precision", "recall", "density", "coverage",
                       "head_fid", "tail_fid", "head_recall", "tail_recall", "fd_class",
                       "avg_knn", "lof", "rarity"]
@@ -214,13 +233,17 @@ def reference_path(cfg: ExperimentConfig) -> Path:
     return path
 
 
+def extractor_options(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Keyword options of cfg.metrics.extractor (the Inception weights file, if given)."""
+    if cfg.metrics.extractor == "inception" and cfg.metrics.inception_weights:
+        return {"weights_path": cfg.metrics.inception_weights}
+    return {}
+
+
 def build_metric_extractor(cfg: ExperimentConfig) -> Any:
     from debiaslab.metrics.features import build_extractor
 
-    options: dict[str, Any] = {}
-    if cfg.metrics.extractor == "inception" and cfg.metrics.inception_weights:
-        options["weights_path"] = cfg.metrics.inception_weights
-    return build_extractor(cfg.metrics.extractor, **options)
+    return build_extractor(cfg.metrics.extractor, **extractor_options(cfg))
 
 
 def evaluate_samples(cfg: ExperimentConfig, samples: Any, *, extractor: Any = None,

@@ -319,6 +319,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                 tune_config=tune.TuneConfig(
                     search_alg=searcher, scheduler=scheduler, num_samples=sweep.num_trials,
                     max_concurrent_trials=concurrent_trials(sweep),
+                    reuse_actors=True,  # one process runs trial after trial: no re-imports
                     trial_name_creator=lambda t: _trial_name(sweep.name, t.trial_id),
                     trial_dirname_creator=lambda t: _trial_name(sweep.name, t.trial_id)),
                 run_config=tune.RunConfig(name=sweep.name, storage_path=str(sweep.storage),

@@ -20,6 +20,9 @@ FEATURE_CACHE_VERSION = 1
 EVAL_PREFIX = "eval"
 
 
+IS_SPLITS = 10  # Inception / classifier score splits (pytorch-fid, CBDM)
+
+
 @dataclass
 class SampleSet:
     """Images to evaluate: uint8 [N, C, H, W] and, for class-conditional samples, their labels."""
@@ -163,9 +166,12 @@ def evaluate(samples: SampleSet, reference_dir: str | Path, extractor: Any, *, k
     kid_mean, kid_std = kid(fake, ref.features, subset_size=kid_subset_size, seed=seed)
     m.update(kid=kid_mean, kid_std=kid_std)
     m.update(prdc(ref.features, fake, k=k))
-    if ext.logits is not None and getattr(extractor, "supports_inception_score", False):
-        is_mean, is_std = inception_score(ext.logits)
-        m.update(inception_score=is_mean, inception_score_std=is_std)
+    if ext.logits is not None and len(fake) >= IS_SPLITS:
+        is_mean, is_std = inception_score(ext.logits, splits=IS_SPLITS)
+        if getattr(extractor, "supports_inception_score", False):
+            m.update(inception_score=is_mean, inception_score_std=is_std)
+        else:  # the same exp E KL(p(y|x) || p(y)) with the domain classifier (e.g. digits)
+            m.update(classifier_score=is_mean, classifier_score_std=is_std)
     m.update(minority_summary(ref.features, fake, k=k, lof_k=lof_k))
 
     result = Evaluation(metrics=m)
