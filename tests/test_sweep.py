@@ -169,11 +169,14 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(base, tmp_path, 
                 break
             time.sleep(1.0)
         assert driver.poll() is None, "the sweep ended before it could be killed"
-        os.kill(driver.pid, signal.SIGKILL)  # the driver only: Ray's processes share its fate
+        os.kill(driver.pid, signal.SIGKILL)  # the driver process only, mid-sweep
         driver.wait()
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+        # the killed driver's local Ray (its own temp dir) goes too: no state for later tests
+        subprocess.run(["pkill", "-9", "-f", RAY_TMP + "-driver"], check=False)
+        time.sleep(2.0)
     finished_before = {r.tags["debiaslab.trial_id"] for r in children(cfg, "resume")
                        if r.status == "FINISHED"}
     assert len(finished_before) >= KILL_AFTER_FINISHED
@@ -191,3 +194,20 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(base, tmp_path, 
     for trial_id in finished_before:  # finished trials ran exactly once
         attempts = Path(cfg.output_dir) / "runs" / f"resume-{trial_id}" / "attempts.txt"
         assert len(attempts.read_text().splitlines()) == 1, trial_id
+
+
+def test_summary_plots_survive_degenerate_trials(base):
+    """fANOVA is undefined with equal objective values: the plot says so instead of failing."""
+    from debiaslab.sweeps import importance_and_scatter_figures
+
+    _, experiment, _ = base
+    sweep = load_sweep(write_sweep(base[0], experiment, "plots"))
+    same = [{"params": {"sample.cfg_omega": w}, "metrics": {"eval/fid": 7.0}} for w in (0.5, 2.0)]
+    figures = importance_and_scatter_figures(sweep, same)
+    assert set(figures) == {"objective_vs_params", "param_importance"}
+    text = [t.get_text() for t in figures["param_importance"].axes[0].texts]
+    assert text and "undefined" in text[0]
+    varied = [{"params": {"sample.cfg_omega": w}, "metrics": {"eval/fid": 10.0 + w * w}}
+              for w in (0.1, 0.7, 1.5, 2.2, 2.9)]
+    bars = importance_and_scatter_figures(sweep, varied)["param_importance"].axes[0].patches
+    assert len(bars) == 1 and bars[0].get_width() == pytest.approx(1.0)

@@ -263,16 +263,23 @@ def importance_and_scatter_figures(sweep: SweepConfig, trials: list[dict[str, An
         study.add_trial(optuna.trial.create_trial(
             params={p: t["params"][p] for p in paths}, distributions=dists,
             value=float(t["metrics"][metric])))
-    if len(done) >= 2:
+    fig = _new_figure((5.0, 0.8 + 0.45 * len(paths)))
+    ax = fig.add_subplot(1, 1, 1)
+    values = {float(t["metrics"][metric]) for t in done}
+    try:  # fANOVA needs at least two trials with different objective values
+        if len(values) < 2:
+            raise RuntimeError("all finished trials have the same objective value")
         importances = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-        fig = _new_figure((5.0, 0.6 + 0.45 * len(importances)))
-        ax = fig.add_subplot(1, 1, 1)
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
-        ax.set_xlabel(f"importance for {metric} (fANOVA)")
-        fig.tight_layout()
-        figures["param_importance"] = fig
+        ax.set_xlabel(f"importance for {metric} (fANOVA, {len(done)} trials)")
+    except RuntimeError as exc:  # e.g. optuna's "zero total variance in all trees"
+        ax.text(0.5, 0.5, f"importance undefined:\n{exc}", ha="center", va="center",
+                fontsize=8, transform=ax.transAxes)
+        ax.set_axis_off()
+    fig.tight_layout()
+    figures["param_importance"] = fig
     return figures
 
 
