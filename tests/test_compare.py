@@ -36,6 +36,15 @@ def store(tmp_path_factory):
     return root, uri
 
 
+def test_direction_of_metrics():
+    from debiaslab.compare import lower_is_better
+
+    assert all(lower_is_better(m) for m in ("eval/fid", "eval/tail_fid", "eval/fd_class",
+                                            "eval/ddim/head_fid", "eval/kid"))
+    assert not any(lower_is_better(m) for m in ("eval/recall", "eval/tail_recall",
+                                                "eval/classifier_score", "eval/precision"))
+
+
 def test_summary_is_a_t_interval():
     values = [30.0, 34.0, 29.0]
     s = Summary.of(values)

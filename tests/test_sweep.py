@@ -77,9 +77,15 @@ def write_sweep(root: Path, experiment: Path, name: str, **fields) -> Path:
 
 
 def children(cfg, sweep_name: str) -> list:
-    return find_runs(resolve_tracking_uri(cfg.output_dir), experiments=["sweeps"],
-                     tags={"debiaslab.sweep": sweep_name, "debiaslab.kind": "trial"},
-                     statuses=())
+    """The sweep's trial runs ([] while the driver has not created the experiment yet)."""
+    from debiaslab.errors import DebiaslabError
+
+    try:
+        return find_runs(resolve_tracking_uri(cfg.output_dir), experiments=["sweeps"],
+                         tags={"debiaslab.sweep": sweep_name, "debiaslab.kind": "trial"},
+                         statuses=())
+    except DebiaslabError:
+        return []
 
 
 @pytest.mark.parametrize("change, message", [

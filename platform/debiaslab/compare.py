@@ -18,7 +18,7 @@ GROUP_TAG, SEED_TAG, METHOD_TAG = "debiaslab.group", "debiaslab.seed", "debiasla
 KIND_TAG, KIND_COMPARISON = "debiaslab.kind", "comparison"
 DEFAULT_METRICS = ("eval/fid", "eval/precision", "eval/recall", "eval/head_fid", "eval/tail_fid",
                    "eval/head_recall", "eval/tail_recall", "eval/fd_class")
-LOWER_IS_BETTER = ("fid", "kid", "fd")  # metric basenames starting with these: lower is better
+LOWER_IS_BETTER = ("fid", "kid", "fd")  # a metric name containing one of these: lower is better
 CONFIDENCE = 0.95
 # params that differ between seeds of one setting, or only say where things were written
 NOT_A_SETTING = ("name", "train.seed", "output_dir", "tracking.", "data.dataset_dir",
@@ -72,7 +72,9 @@ class Group:
 
 
 def lower_is_better(metric: str) -> bool:
-    return metric.rsplit("/", 1)[-1].startswith(LOWER_IS_BETTER)
+    """FID, KID and fairness discrepancy (any ``_``-separated part of the name, e.g.
+    ``eval/tail_fid``, ``eval/fd_class``) are distances: lower is better."""
+    return any(part in LOWER_IS_BETTER for part in metric.rsplit("/", 1)[-1].split("_"))
 
 
 def _is_setting(key: str) -> bool:

@@ -26,6 +26,7 @@ SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "debiaslab.sweep", "debiaslab.trial_id", "mlf
 KIND_TAG = "debiaslab.kind"
 PROBE_IMAGES = 64  # reference images evaluated once to learn which metrics trials report
 RUNG_KEY = "rung"
+STATE_SAVE_PERIOD_S = 1.0  # Tune experiment-state save period (TUNE_GLOBAL_CHECKPOINT_S)
 ATTEMPTS_FILE = "attempts.txt"  # in the trial's run folder: one line per execution
 
 
@@ -273,6 +274,9 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
 
     base = sweep.base
     assert base is not None
+    # Tune saves its experiment state every few seconds (adaptive); a trial created after the
+    # last save is unknown on restore and would be run again under a new id. Save often.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(STATE_SAVE_PERIOD_S))
     sweep_dir = sweep.sweep_dir
     state = _read_state(sweep_dir)
     restorable = tune.Tuner.can_restore(str(sweep_dir))
@@ -334,7 +338,8 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
         if not trials:
             raise DebiaslabError(f"sweep {sweep.name}: no trial reported a result "
                                  f"(first error: {errors[0] if errors else 'none'})")
-        _end_stopped_children(tracking_uri, experiment, sweep.name)
+        _end_open_children(tracking_uri, experiment, sweep.name,
+                           {t["trial_id"] for t in trials})
         best = grid.get_best_result(metric=metric, mode=mode, scope="last")
         result = SweepResult(best_config=dict(best.config),
                              best_metrics={k: v for k, v in best.metrics.items()
@@ -346,15 +351,21 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
     return result
 
 
-def _end_stopped_children(tracking_uri: str, experiment: str, sweep_name: str) -> None:
-    """Trials stopped early by the scheduler are killed mid-run: end their child runs
-    (FINISHED, tagged ``debiaslab.stopped_early``) so none is left RUNNING."""
+def _end_open_children(tracking_uri: str, experiment: str, sweep_name: str,
+                       known: set[str]) -> None:
+    """No child run is left RUNNING: trials the scheduler stopped early (killed mid-run) end
+    FINISHED with ``debiaslab.stopped_early``; a trial Tune never recorded (its driver was
+    killed before the experiment state was saved) ends KILLED with ``debiaslab.lost_trial``."""
     from debiaslab.tracking import end_run, find_runs
 
     for run in find_runs(tracking_uri, experiments=[experiment],
                          tags={SWEEP_TAG: sweep_name, KIND_TAG: "trial"},
                          statuses=("RUNNING",)):
-        end_run(tracking_uri, run.run_id, "FINISHED", tags={"debiaslab.stopped_early": "true"})
+        if run.tags.get(TRIAL_TAG) in known:
+            end_run(tracking_uri, run.run_id, "FINISHED",
+                    tags={"debiaslab.stopped_early": "true"})
+        else:
+            end_run(tracking_uri, run.run_id, "KILLED", tags={"debiaslab.lost_trial": "true"})
 
 
 def _log_summary(parent: Any, sweep: SweepConfig, result: SweepResult) -> None:
