@@ -172,7 +172,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         fh.write(f"{os.getpid()}\n")
     extractor = build_metric_extractor(cfg)
     done: list[Any] = []
-    final: dict[str, Any] = {}
+    stopped: SystemExit | None = None
     with _child_tracker(ctx, trial_id, name) as tracker:
         tracker.log_config(to_dict(cfg))
         tracker.log_params({f"sweep.{k}": v for k, v in config.items()})
@@ -200,12 +200,16 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step=rung)
             if grid.is_file():
                 tracker.log_artifact(grid, "samples")
-            report = {**metrics, RUNG_KEY: rung, "samples": sample_upto}
-            if rung == sweep.rungs:  # Tune may stop the actor at the last report: end the run
-                final = report
+            try:
+                tune.report({**metrics, RUNG_KEY: rung, "samples": sample_upto})
+            except SystemExit as exc:  # Tune stops a trial (ASHA, last rung) with sys.exit(0)
+                if exc.code not in (0, None):
+                    raise
+                tracker.set_tag("debiaslab.stopped_early", str(rung < sweep.rungs).lower())
+                stopped = exc
                 break
-            tune.report(report)
-    tune.report(final)
+    if stopped is not None:  # the child run is closed (FINISHED): now let Tune end the thread
+        raise stopped
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -332,6 +336,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
         grid = tuner.fit()
         errors = [r.error for r in grid if r.error is not None]
         trials = [{"trial_id": r.metrics.get("trial_id", ""), "params": dict(r.config),
+                   "rung": int(r.metrics.get(RUNG_KEY, 0)),
                    "metrics": {k: v for k, v in r.metrics.items()
                                if isinstance(v, (int, float)) and "/" in k}}
                   for r in grid if r.metrics]
@@ -339,7 +344,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
             raise DebiaslabError(f"sweep {sweep.name}: no trial reported a result "
                                  f"(first error: {errors[0] if errors else 'none'})")
         _end_open_children(tracking_uri, experiment, sweep.name,
-                           {t["trial_id"] for t in trials})
+                           {t["trial_id"]: t["rung"] for t in trials}, sweep.rungs)
         best = grid.get_best_result(metric=metric, mode=mode, scope="last")
         result = SweepResult(best_config=dict(best.config),
                              best_metrics={k: v for k, v in best.metrics.items()
@@ -352,18 +357,21 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
 
 
 def _end_open_children(tracking_uri: str, experiment: str, sweep_name: str,
-                       known: set[str]) -> None:
-    """No child run is left RUNNING: trials the scheduler stopped early (killed mid-run) end
-    FINISHED with ``debiaslab.stopped_early``; a trial Tune never recorded (its driver was
-    killed before the experiment state was saved) ends KILLED with ``debiaslab.lost_trial``."""
+                       last_rung: dict[str, int], rungs: int) -> None:
+    """No child run is left RUNNING. Tune stops a trial's actor at its final report (or
+    earlier, by ASHA) before the trial closes its run: those end FINISHED, tagged
+    ``debiaslab.stopped_early`` when stopped before the last rung; a trial Tune never recorded
+    (driver killed before its state was saved) ends KILLED, tagged ``debiaslab.lost_trial``."""
     from debiaslab.tracking import end_run, find_runs
 
     for run in find_runs(tracking_uri, experiments=[experiment],
                          tags={SWEEP_TAG: sweep_name, KIND_TAG: "trial"},
                          statuses=("RUNNING",)):
-        if run.tags.get(TRIAL_TAG) in known:
+        trial_id = run.tags.get(TRIAL_TAG, "")
+        if trial_id in last_rung:
+            early = last_rung[trial_id] < rungs
             end_run(tracking_uri, run.run_id, "FINISHED",
-                    tags={"debiaslab.stopped_early": "true"})
+                    tags={"debiaslab.stopped_early": str(early).lower()})
         else:
             end_run(tracking_uri, run.run_id, "KILLED", tags={"debiaslab.lost_trial": "true"})
 
