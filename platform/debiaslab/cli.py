@@ -195,8 +195,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     result = run_sweep(args.config, args.overrides)
     print(f"best trial {result.best_trial_id}: {result.best_config}")
-    print("  " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.best_metrics.items())
-                           if k.startswith("eval/") and k.count("/") == 1)[:400])
+    shown = ["eval/fid", "eval/precision", "eval/recall", "eval/tail_recall"]
+    print("  " + ", ".join(f"{k}={result.best_metrics[k]:.4g}" for k in shown
+                           if k in result.best_metrics))
     print(f"parent MLflow run {result.parent_run_id}; Tune state {result.sweep_dir}")
     return 0
 

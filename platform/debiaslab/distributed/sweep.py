@@ -208,6 +208,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 tracker.set_tag("debiaslab.stopped_early", str(rung < sweep.rungs).lower())
                 stopped = exc
                 break
+        else:
+            tracker.set_tag("debiaslab.stopped_early", "false")
     if stopped is not None:  # the child run is closed (FINISHED): now let Tune end the thread
         raise stopped
 
@@ -345,7 +347,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                                  f"(first error: {errors[0] if errors else 'none'})")
         _end_open_children(tracking_uri, experiment, sweep.name,
                            {t["trial_id"]: t["rung"] for t in trials}, sweep.rungs)
-        best = grid.get_best_result(metric=metric, mode=mode, scope="last")
+        best = _best_result(grid, metric, mode, sweep.rungs)
         result = SweepResult(best_config=dict(best.config),
                              best_metrics={k: v for k, v in best.metrics.items()
                                            if isinstance(v, (int, float)) and "/" in k},
@@ -354,6 +356,15 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                              restored=restorable)
         _log_summary(parent, sweep, result)
     return result
+
+
+def _best_result(grid: Any, metric: str, mode: str, rungs: int) -> Any:
+    """The best trial among those that reached the last rung (an early-stopped trial's FID is
+    on fewer samples or training steps, so not comparable); all trials if none did."""
+    results = [r for r in grid if r.metrics and r.metrics.get(metric) is not None]
+    complete = [r for r in results if int(r.metrics.get(RUNG_KEY, 0)) == rungs] or results
+    pick = min if mode == "min" else max
+    return pick(complete, key=lambda r: float(r.metrics[metric]))
 
 
 def _end_open_children(tracking_uri: str, experiment: str, sweep_name: str,
@@ -386,7 +397,7 @@ def _log_summary(parent: Any, sweep: SweepConfig, result: SweepResult) -> None:
     out = result.sweep_dir / "summary"
     out.mkdir(parents=True, exist_ok=True)
     metric_cols = [o.metric for o in sweep.objectives]
-    rows = [{"trial": t["trial_id"], **t["params"],
+    rows = [{"trial": t["trial_id"], **t["params"], "rung": t["rung"],
              **{m: t["metrics"].get(m) for m in metric_cols}} for t in result.trials]
     rows.sort(key=lambda r: (r[metric_cols[0]] is None, r[metric_cols[0]] or 0.0),
               reverse=sweep.objective.mode == "max")
