@@ -64,6 +64,7 @@ class SweepConfig:
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 0  # 0: from the cluster's resources
     seed: int = 0  # Optuna TPE seed
+    startup_trials: int = 10  # TPE's random trials before it models the objective (Optuna: 10)
     storage_path: str = ""  # default <base output_dir>/ray_results
 
     # filled by load_sweep
@@ -195,6 +196,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
             key = next(iter(values))
             raise ConfigError(f"params.{key}: {exc}") from None
     positive = {"num_trials": sweep.num_trials, "rungs": sweep.rungs,
+                "startup_trials": sweep.startup_trials,
                 "cpus_per_trial": sweep.cpus_per_trial,
                 "scheduler.grace_period": sweep.scheduler.grace_period}
     for key, value in positive.items():

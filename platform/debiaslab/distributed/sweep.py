@@ -314,9 +314,13 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                                        resume_errored=True)
         else:
             multi = len(objectives) > 1
+            import optuna
+
+            sampler = optuna.samplers.TPESampler(seed=sweep.seed,
+                                                 n_startup_trials=sweep.startup_trials)
             searcher = OptunaSearch(
                 metric=[o.metric for o in objectives] if multi else metric,
-                mode=[o.mode for o in objectives] if multi else mode, seed=sweep.seed)
+                mode=[o.mode for o in objectives] if multi else mode, sampler=sampler)
             scheduler = None
             if sweep.scheduler.type == "asha":
                 scheduler = ASHAScheduler(time_attr="training_iteration", metric=metric,
