@@ -239,7 +239,7 @@ def importance_and_scatter_figures(sweep: SweepConfig, trials: list[dict[str, An
     paths = list(sweep.specs)
     cols = min(3, len(paths))
     rows = math.ceil(len(paths) / cols)
-    fig = _new_figure((3.4 * cols, 2.9 * rows))
+    fig = _new_figure((max(5.0, 3.4 * cols), 2.9 * rows + 0.4))
     for i, p in enumerate(paths):
         ax = fig.add_subplot(rows, cols, i + 1)
         xs = [t["params"][p] for t in done]
