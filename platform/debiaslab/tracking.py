@@ -527,9 +527,12 @@ def find_runs(
 
 
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED",
-            tags: Mapping[str, str] | None = None) -> None:
-    """Set tags on and terminate a run someone else opened (e.g. a trial killed by Tune)."""
+            tags: Mapping[str, str] | None = None, delete: bool = False) -> None:
+    """Set tags on and terminate a run someone else opened (e.g. a trial killed by Tune);
+    ``delete`` then soft-deletes it (restorable from MLflow's deleted runs)."""
     client = _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
     for key, value in (tags or {}).items():
         _retry_locked(client.set_tag, run_id, key, value)
     _retry_locked(client.set_terminated, run_id, status=status)
+    if delete:
+        _retry_locked(client.delete_run, run_id)

@@ -376,7 +376,8 @@ def _end_open_children(tracking_uri: str, experiment: str, sweep_name: str,
     """No child run is left RUNNING. Tune stops a trial's actor at its final report (or
     earlier, by ASHA) before the trial closes its run: those end FINISHED, tagged
     ``debiaslab.stopped_early`` when stopped before the last rung; a trial Tune never recorded
-    (driver killed before its state was saved) ends KILLED, tagged ``debiaslab.lost_trial``."""
+    (driver killed before its state was saved) ends KILLED, tagged ``debiaslab.lost_trial``,
+    and is soft-deleted (MLflow's deleted view keeps it)."""
     from debiaslab.tracking import end_run, find_runs
 
     for run in find_runs(tracking_uri, experiments=[experiment],
@@ -387,8 +388,9 @@ def _end_open_children(tracking_uri: str, experiment: str, sweep_name: str,
             early = last_rung[trial_id] < rungs
             end_run(tracking_uri, run.run_id, "FINISHED",
                     tags={"debiaslab.stopped_early": str(early).lower()})
-        else:
-            end_run(tracking_uri, run.run_id, "KILLED", tags={"debiaslab.lost_trial": "true"})
+        else:  # its work is redone by another trial: keep no duplicate child in the view
+            end_run(tracking_uri, run.run_id, "KILLED", tags={"debiaslab.lost_trial": "true"},
+                    delete=True)
 
 
 def _log_summary(parent: Any, sweep: SweepConfig, result: SweepResult) -> None:
