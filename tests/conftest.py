@@ -20,3 +20,14 @@ def debiaslab_cache(tmp_path_factory):
         os.environ.pop("DEBIASLAB_CACHE", None)
     else:
         os.environ["DEBIASLAB_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def digits_lt(tmp_path_factory):
+    """digits-LT (rho = 0.1, seed 0) in memory, built once per test module."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.data.sources import build_dataset
+
+    out = tmp_path_factory.mktemp("data") / "digits-lt"
+    build_dataset("digits", out, imbalance="long_tail", imb_factor=0.1, seed=0)
+    return ImageDataset.load(out)

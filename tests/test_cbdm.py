@@ -12,7 +12,6 @@ from torch import nn
 
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
-from debiaslab.data.sources import build_dataset
 from debiaslab.diffusion.guidance import ClassifierFreeGuidance
 from debiaslab.diffusion.losses import DenoisingLoss, build_loss
 from debiaslab.errors import CheckpointError, ConfigError
@@ -38,13 +37,6 @@ class Affine(nn.Module):
 
     def forward(self, x, t, y=None):
         return self.a * x + self.b[y].view(-1, *([1] * (x.ndim - 1)))
-
-
-@pytest.fixture(scope="module")
-def digits_lt(tmp_path_factory) -> ImageDataset:
-    out = tmp_path_factory.mktemp("data") / "digits-lt"
-    build_dataset("digits", out, imbalance="long_tail", imb_factor=0.1, seed=0)
-    return ImageDataset.load(out)
 
 
 def tiny_cfg(tmp_path: Path, *extra: str):

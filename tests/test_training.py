@@ -7,8 +7,6 @@ import pytest
 import torch
 
 from debiaslab.config import load_config
-from debiaslab.data.dataset import ImageDataset
-from debiaslab.data.sources import build_dataset
 from debiaslab.errors import CheckpointError, TrainingDiverged
 from debiaslab.training.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
@@ -19,13 +17,6 @@ TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_
         "model.head_channels=16", "model.dropout=0.1", "train.batch_size=16",
         "train.warmup_steps=5", "train.log_every=5", "train.checkpoint_every=10",
         "train.keep_checkpoints=5", "train.device=cpu"]
-
-
-@pytest.fixture(scope="module")
-def digits_lt(tmp_path_factory) -> ImageDataset:
-    out = tmp_path_factory.mktemp("data") / "digits-lt"
-    build_dataset("digits", out, imbalance="long_tail", imb_factor=0.1, seed=0)
-    return ImageDataset.load(out)
 
 
 def tiny_cfg(tmp_path: Path, *extra: str):

@@ -291,11 +291,10 @@ def eval_row(label: str, ev: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ whole run
 
 
-GROUP_TAG, SEED_TAG, METHOD_TAG = "debiaslab.group", "debiaslab.seed", "debiaslab.method"
-
-
 def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     """Tags that let `debiaslab compare` group seeds of one setting and name the method."""
+    from debiaslab.compare import GROUP_TAG, METHOD_TAG, SEED_TAG
+
     return {GROUP_TAG: cfg.tracking.group or cfg.name, SEED_TAG: str(cfg.train.seed),
             METHOD_TAG: cfg.diffusion.loss}
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from debiaslab.compare import KIND_TAG
 from debiaslab.config import ExperimentConfig, absolute_paths, to_dict
 from debiaslab.errors import ConfigError, DebiaslabError
 from debiaslab.sweeps import (
@@ -23,7 +24,6 @@ from .runtime import init_ray, ray_env, shutdown_ray
 
 STATE_FILE = "debiaslab_sweep.json"  # parent MLflow run id, beside Tune's experiment state
 SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "debiaslab.sweep", "debiaslab.trial_id", "mlflow.parentRunId"
-KIND_TAG = "debiaslab.kind"
 PROBE_IMAGES = 64  # reference images evaluated once to learn which metrics trials report
 RUNG_KEY = "rung"
 STATE_SAVE_PERIOD_S = 1.0  # Tune experiment-state save period (TUNE_GLOBAL_CHECKPOINT_S)
