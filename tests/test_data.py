@@ -31,7 +31,13 @@ from debiaslab.data.schema import (
     read_manifest,
     write_dataset,
 )
-from debiaslab.data.sources import SOURCES, build_dataset, load_source
+from debiaslab.data.sources import (
+    SOURCES,
+    bind_source_path,
+    build_dataset,
+    check_source_options,
+    load_source,
+)
 from debiaslab.errors import ConfigError, DataError
 
 CIFAR10_LT_COUNTS = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
@@ -116,6 +122,29 @@ def test_long_tail_indices_on_digits(digits: ImageArrays) -> None:
     expect_data_error(lambda: long_tail_indices(labels, 0.0), "imb_factor")
     expect_data_error(lambda: long_tail_indices(labels, 0.1, n_max=1000), "class 0")
     expect_data_error(lambda: long_tail_indices(np.full(5, -1), 0.1), "label")
+
+
+def test_long_tail_factor_that_empties_classes_is_an_error(
+    tmp_path: Path, digits: ImageArrays
+) -> None:
+    n_max = int(np.bincount(digits.labels).min())  # 174: tail classes get 0.17, 0.37, 0.81
+    assert long_tail_counts(n_max, 10, 0.001)[-3:] == [0, 0, 0]
+    message = expect_data_error(
+        lambda: long_tail_indices(digits.labels, 0.001, class_names=digits.class_names),
+        "data.imb_factor: 0.001",
+    )
+    assert "class(es) 7, 8, 9 with zero images" in message
+    assert f"1/{n_max}" in message
+    smallest = float(message.rsplit(">= ", 1)[1])
+    assert 1 / n_max <= smallest < 1.01 / n_max
+    assert min(long_tail_counts(n_max, 10, smallest)) == 1
+    assert min(np.bincount(digits.labels[long_tail_indices(digits.labels, smallest)])) == 1
+    out = tmp_path / "lt"
+    expect_data_error(
+        lambda: build_dataset("digits", out, imbalance="long_tail", imb_factor=0.001),
+        "data.imb_factor",
+    )
+    assert not out.exists()
 
 
 def test_attribute_bias_split(digits: ImageArrays) -> None:
@@ -350,6 +379,66 @@ def test_cifar100_loader(tmp_path: Path) -> None:
     expect_data_error(lambda: SOURCES.get("cifar100")(tmp_path), "label 100")
 
 
+class TouchOnLoad:
+    """Unpickling this calls Path.touch(marker): code execution if the loader trusts pickles."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (Path.touch, (self.marker,))
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path: Path) -> None:
+    root = tmp_path / "c10"
+    fake_cifar10(root, np.random.default_rng(5))
+    batch = root / "cifar-10-batches-py" / "data_batch_1"
+    marker = tmp_path / "pwned"
+    with batch.open("wb") as f:
+        pickle.dump({b"data": TouchOnLoad(marker), b"labels": [0, 1, 2, 3]}, f)
+    message = expect_data_error(lambda: load_source("cifar10", {"root": root}), str(batch))
+    assert "refused to unpickle global" in message and "Path.touch" in message
+    assert not marker.exists()
+    out = tmp_path / "out"
+    expect_data_error(
+        lambda: build_dataset("cifar10", out, source_options={"root": root}), "Path.touch"
+    )
+    assert not marker.exists() and not out.exists()
+    # a global hidden in the class-name file is refused as well
+    meta = root / "cifar-10-batches-py" / "batches.meta"
+    with meta.open("wb") as f:
+        pickle.dump({b"label_names": TouchOnLoad(marker)}, f)
+    expect_data_error(lambda: load_source("cifar10", {"root": root}), "batches.meta")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "protocol,core", [(2, "numpy.core"), (2, "numpy._core"), (4, None), (5, None)]
+)
+def test_cifar_pickle_numpy_formats_load(tmp_path: Path, protocol: int, core: str | None) -> None:
+    """Official-format batches load whichever numpy (1.x numpy.core, 2.x numpy._core) and
+    pickle protocol wrote them. Protocol 2 names globals as text, so the numpy core module can
+    be renamed in place to mimic the other numpy major version."""
+    root = tmp_path / "c10"
+    raw, labels = fake_cifar10(root, np.random.default_rng(6))
+    folder = root / "cifar-10-batches-py"
+    for i, name in enumerate(f"data_batch_{j}" for j in range(1, 6)):
+        rows = slice(i * IMAGES_PER_BATCH, (i + 1) * IMAGES_PER_BATCH)
+        payload = pickle.dumps(
+            {b"data": raw[rows], b"labels": labels[rows].tolist(),
+             b"batch_label": name.encode(), b"count": np.int64(IMAGES_PER_BATCH)},
+            protocol=protocol,
+        )
+        if core is not None:
+            for other in (b"cnumpy.core.", b"cnumpy._core."):  # GLOBAL opcode 'c' + module
+                payload = payload.replace(other, b"c" + f"{core}.".encode())
+            assert f"{core}.".encode() in payload
+        (folder / name).write_bytes(payload)
+    data = load_source("cifar10", {"root": root})
+    assert np.array_equal(data.images.reshape(len(raw), -1), raw)
+    assert np.array_equal(data.labels, labels)
+
+
 # ---------------------------------------------------------------------------------- CelebA
 
 
@@ -546,3 +635,54 @@ def test_build_attribute_bias_digits(tmp_path: Path) -> None:
     )
     assert read_manifest(out / "biased").extra["build"]["bias_attribute"] == "even"
     assert leftovers(tmp_path) == [] and not (tmp_path / "y").exists()
+
+
+def expect_config_error(fn: Callable[[], Any], *needles: str) -> str:
+    """Call fn, require a one-line ConfigError whose message contains every needle."""
+    with pytest.raises(ConfigError) as info:
+        fn()
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert all(n in message for n in needles), message
+    return message
+
+
+def test_bind_source_path(tmp_path: Path) -> None:
+    options = {"split": "test"}
+    for source in ("cifar10", "cifar100", "celeba", "folder"):
+        assert bind_source_path(source, options, "/data/x") == {"split": "test", "root": "/data/x"}
+    assert options == {"split": "test"}  # a copy; the input is left alone
+    bound = bind_source_path("parquet", {"image_column": "img"}, str(tmp_path / "u.parquet"))
+    assert bound == {"image_column": "img", "path": str(tmp_path / "u.parquet")}
+    # the same value given twice is fine; another value is a conflict
+    assert bind_source_path("folder", {"root": Path("/data/x/")}, "/data/x") == {"root": "/data/x"}
+    expect_config_error(lambda: bind_source_path("folder", {"root": "/a"}, "/b"),
+                        "data.source_options.root", "'/a'", "data.path '/b'")
+    expect_config_error(lambda: bind_source_path("parquet", {"path": "a.parquet"}, "b.parquet"),
+                        "data.source_options.path", "a.parquet", "b.parquet")
+    expect_config_error(lambda: bind_source_path("digits", {}, "/data/x"),
+                        "data.path: source 'digits' takes no path", "parquet")
+    expect_config_error(lambda: bind_source_path("mnist", {}, "/x"), "data.source", "mnist")
+    # the bound options load: parquet reads `path`, which a `root` default would not satisfy
+    pixels = np.random.default_rng(7).integers(0, 256, size=(3, 4, 4, 3), dtype=np.uint8)
+    pq.write_table(pa.table({"img": [png_bytes(p) for p in pixels]}), tmp_path / "u.parquet")
+    assert np.array_equal(load_source("parquet", bound).images, pixels.transpose(0, 3, 1, 2))
+
+
+def test_check_source_options_without_loading(tmp_path: Path) -> None:
+    missing = tmp_path / "not-there"
+    check_source_options("cifar10", {"root": missing, "split": "test"})  # no file is read
+    check_source_options("cifar10", {})  # root comes later from data.path
+    check_source_options("digits", None)
+    expect_config_error(lambda: check_source_options("cifar10", {"root": missing, "bogus": 1}),
+                        "data.source_options", "'cifar10'", "bogus", "options: root, split")
+    expect_config_error(lambda: check_source_options("digits", {"root": "/x"}),
+                        "data.source_options", "'root'", "options: size")
+    expect_config_error(lambda: check_source_options("cifar10", {}, complete=True),
+                        "data.source_options", "'root'")
+    expect_config_error(lambda: check_source_options("mnist", {}), "data.source", "mnist")
+    # load_source rejects the same options with the same message, before touching any file
+    message = expect_config_error(lambda: load_source("cifar10", {"root": missing, "bogus": 1}),
+                                  "data.source_options", "bogus")
+    assert "not-there" not in message
+    expect_config_error(lambda: load_source("cifar10", {}), "data.source_options", "'root'")

@@ -139,3 +139,48 @@ def test_load_samples_from_image_folder_and_parquet(setup, tmp_path):
     assert np.array_equal(from_parquet.images, images) and from_parquet.labels is None
     ev = evaluate(from_parquet, ref, extractor, bootstrap=0)
     assert ev.meta["num_samples"] == 30 and ev.meta["per_class_labels"] == "extractor predictions"
+
+
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def test_sample_classes_map_to_the_reference_by_name(setup, tmp_path):
+    """An image folder's classes are its sorted subfolder names (eight, five, four, ...), not
+    the reference's order (zero, one, ...): labels must be matched by name, not position."""
+    from PIL import Image
+
+    root, _, lt, extractor = setup
+    digits = ImageDataset.load(root / "ref")
+    named_ref = tmp_path / "named-ref"
+    write_dataset(named_ref, digits.images.numpy(), digits.labels.numpy(), None,
+                  DatasetMeta("named", "test", DIGIT_NAMES, []))
+    images, labels = lt.images.numpy(), lt.labels.numpy()
+    folder = tmp_path / "samples"
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        (folder / DIGIT_NAMES[lab]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0]).save(folder / DIGIT_NAMES[lab] / f"{i:04d}.png")
+    from_folder = load_samples(folder, (1, 16, 16))
+    assert from_folder.class_names == sorted(DIGIT_NAMES) != DIGIT_NAMES
+
+    in_order = evaluate(SampleSet(images, labels, "in-order"), named_ref, extractor,
+                        class_counts=lt.class_counts(), bootstrap=0)
+    by_folder = evaluate(from_folder, named_ref, extractor, class_counts=lt.class_counts(),
+                         bootstrap=0)
+    assert [r["n_fake"] for r in by_folder.per_class] == np.bincount(labels).tolist()
+    for got, want in zip(by_folder.per_class, in_order.per_class, strict=True):
+        assert got["class"] == want["class"] and got["n_fake"] == want["n_fake"], got
+        assert got["group"] == want["group"] and got["reason"] == want["reason"], got
+        assert got["fid"] == pytest.approx(want["fid"], rel=1e-4), got
+        assert got["recall"] == pytest.approx(want["recall"]), got
+    for key in ("head_fid", "tail_fid", "head_recall", "tail_recall", "label_accuracy"):
+        assert by_folder.metrics[key] == pytest.approx(in_order.metrics[key]), key
+    assert in_order.metrics["label_accuracy"] > 0.9
+
+    # a class the reference does not have is a one-line error naming both sides
+    (folder / "eleven").mkdir()
+    Image.fromarray(images[0, 0]).save(folder / "eleven" / "x.png")
+    with pytest.raises(DataError) as exc:
+        evaluate(load_samples(folder, (1, 16, 16)), named_ref, extractor, bootstrap=0)
+    message = str(exc.value)
+    assert "\n" not in message and str(folder) in message and "'eleven'" in message
+    assert "'zero', 'one'" in message and "'seven'," not in message.split("reference")[0]

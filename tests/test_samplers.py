@@ -35,12 +35,28 @@ SEEDS = list(range(4))
 SHAPE = (3, 8, 8)
 NUM_CLASSES = 3
 NULL_LABEL = NUM_CLASSES
-DIFFUSERS_TOL = 1e-4  # max abs difference vs diffusers (float32) on O(1) samples
-# DPM-Solver++ on the cosine schedule starts at t=999 where abar = 2.4e-9: x0_hat = (x - sigma eps)
-# / alpha cancels catastrophically and amplifies float32 rounding by 1/alpha ~ 2e4. Measured at 10
-# steps: ours(fp32) - ours(fp64) = 1.7e-4, diffusers(fp32) - ours(fp64) = 5.2e-4; so only this
-# case gets a float32-conditioning tolerance (ddim/ddpm damp the first x0_hat by sqrt(abar_prev)).
-COSINE_DPM_TOL = 1e-3
+# Tolerances are derived from float32 rounding, never fitted to one CPU's kernels (which differ:
+# AVX2 vs AVX-512 conv kernels sum in other orders). Float32 unit roundoff u = 2^-24 ~ 6e-8.
+F32_EPS = 2.0**-24
+# Two float32 runs of the same sampler math (ours vs diffusers, which also keeps its schedule in
+# float32; or a float32 vs a float64 network) differ by a few roundings per operation: allow
+# F32_OPS_PER_STEP roundings of relative size u per step, on values up to F32_SCALE (|x_T| < 5,
+# the O(1) model's samples < 10, asserted), accumulated over the steps (the VP updates do not
+# expand errors). 10 steps: 9.5e-5, 25 steps: 2.4e-4; measured <= 6.5e-6 (ddpm, cosine).
+F32_OPS_PER_STEP = 16
+F32_SCALE = 10.0
+# DPM-Solver++ on the cosine schedule starts at t=999 where alpha = sqrt(abar) = 4.9e-5: x0_hat =
+# (x - sigma eps)/alpha cancels catastrophically, so one float32 rounding of |x_T| < 5 in eps or
+# x - sigma eps becomes an x0_hat error of u |x_T|/alpha_1, which enters x_2 with the factor
+# alpha_2 |expm1(-h_1)| (later steps do not expand it). _dpm_first_step_tol allows
+# COSINE_DPM_ROUNDINGS such roundings: 10 steps 3.4e-3, 25 steps 1.4e-3; measured 3.6e-4, 1.5e-4.
+COSINE_DPM_ROUNDINGS = 4
+X_T_MAX = 5.0
+# Batching/ordering checks run in float64 (model.double()): float64 roundoff 1.1e-16 x |x| <= 400
+# (edm x_T = 80 z) x ~1e3 accumulated roundings (convs of <= 144 terms, 12 evaluations) < 5e-11
+# bounds any batch-size-dependent kernel choice (measured 2e-15); a real coupling between samples
+# (a shifted noise row, a label mix-up) changes them by O(0.1).
+FLOAT64_BATCHING_ATOL = 1e-10
 DIFFUSERS_BETA = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
 TOY_MU = 0.3  # data x0 ~ N(TOY_MU, TOY_S^2) per dimension
@@ -145,6 +161,18 @@ class RecordingDenoiser(Denoiser):
         return self.inner(x_t, t, **cond)
 
 
+@contextlib.contextmanager
+def other_conv_kernels() -> Iterator[None]:
+    """Emulates another CPU's kernel choice on this one: PyTorch's native convolution instead of
+    oneDNN's (a float32 edm_heun run then moves by 3.6e-6, the AVX2-vs-AVX-512 failure mode)."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 @pytest.fixture(scope="module", autouse=True)
 def float32_default() -> Iterator[None]:
     """These tests compare float32 runs; other test modules may change the global default."""
@@ -162,6 +190,28 @@ def schedules() -> dict[str, VPSchedule]:
 @pytest.fixture(scope="module")
 def eps_models(schedules: dict[str, VPSchedule]) -> dict[str, VPDenoiser]:
     return {name: VPDenoiser(EpsNet(s.alphas_cumprod), s) for name, s in schedules.items()}
+
+
+@pytest.fixture(scope="module")
+def eps_models64(schedules: dict[str, VPSchedule]) -> dict[str, VPDenoiser]:
+    """The same models in float64 (the samplers then run in float64 from the same noise)."""
+    return {name: VPDenoiser(EpsNet(s.alphas_cumprod).double(), s)
+            for name, s in schedules.items()}
+
+
+def f32_tol(steps: int) -> float:
+    """Max abs difference of two float32 runs of ``steps`` sampler steps (see F32_OPS_PER_STEP)."""
+    return F32_OPS_PER_STEP * steps * F32_EPS * F32_SCALE
+
+
+def _dpm_first_step_tol(schedule: VPSchedule, steps: int) -> float:
+    """COSINE_DPM_ROUNDINGS x u |x_T| / alpha_1 x alpha_2 |expm1(-h_1)| on dpmpp_2m's grid."""
+    ts = schedule.timesteps(steps + 1, "linspace")[:2]
+    abar = schedule.alphas_cumprod[ts]
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    h = float((alpha[1] / sigma[1]).log() - (alpha[0] / sigma[0]).log())
+    amplification = float(alpha[1]) * abs(math.expm1(-h)) / float(alpha[0])
+    return COSINE_DPM_ROUNDINGS * F32_EPS * X_T_MAX * amplification
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,20 +233,26 @@ def test_sample_noise_rows_match_diffusers_randn_tensor_with_generator_list() ->
 
 
 def _diffusers_reference(kind: str, schedule_name: str, net: nn.Module, steps: int,
-                         options: dict[str, Any]) -> Tensor:
+                         options: dict[str, Any], clip: bool) -> Tensor:
+    """diffusers' loop; ``clip`` = our clip_x0: clip_sample for DDPM/DDIM (DDIM's step with
+    use_clipped_model_output) and, for DPM-Solver++, thresholding with sample_max_value=1 (the
+    dynamic threshold s is then clamped to [1, 1]: a plain clip to [-1, 1])."""
     common = dict(num_train_timesteps=1000, beta_schedule=DIFFUSERS_BETA[schedule_name],
                   beta_start=1e-4, beta_end=0.02)
     step_kwargs: dict[str, Any] = {}
     gens = [torch.Generator().manual_seed(s) for s in SEEDS]
     if kind == "ddpm":
-        scheduler = DDPMScheduler(clip_sample=False, variance_type=options.get(
+        scheduler = DDPMScheduler(clip_sample=clip, variance_type=options.get(
             "variance", "fixed_small"), **common)
         step_kwargs["generator"] = gens
     elif kind == "ddim":
-        scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=True, **common)
-        step_kwargs.update(eta=options.get("eta", 0.0), generator=gens)
+        scheduler = DDIMScheduler(clip_sample=clip, set_alpha_to_one=True, **common)
+        # our ddim re-derives eps from the clipped x0_hat (guided-diffusion's ddim_sample)
+        step_kwargs.update(eta=options.get("eta", 0.0), generator=gens,
+                           use_clipped_model_output=clip)
     else:
         scheduler = DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                thresholding=clip, sample_max_value=1.0,
                                                 **common)
     scheduler.set_timesteps(steps)
     x = randn_tensor((len(SEEDS),) + SHAPE, generator=gens, dtype=torch.float32)
@@ -220,24 +276,72 @@ DIFFUSERS_CASES = [
 ]
 
 
+@pytest.mark.parametrize("clip", [True, False])
 @pytest.mark.parametrize("steps", [10, 25])
 @pytest.mark.parametrize("name,schedule_name,options", DIFFUSERS_CASES)
-def test_matches_diffusers_scheduler_loop(eps_models: dict[str, VPDenoiser], name: str,
+def test_matches_diffusers_scheduler_loop(schedules: dict[str, VPSchedule],
+                                          eps_models: dict[str, VPDenoiser], name: str,
                                           schedule_name: str, options: dict[str, Any],
-                                          steps: int) -> None:
+                                          steps: int, clip: bool) -> None:
     den = eps_models[schedule_name]
-    ref = _diffusers_reference(name, schedule_name, den.net, steps, options)
-    ours = sample(name, den, SEEDS, SHAPE, steps=steps, **options)
+    ref = _diffusers_reference(name, schedule_name, den.net, steps, options, clip)
+    ours = sample(name, den, SEEDS, SHAPE, steps=steps, clip_x0=clip, **options)
+    if clip:  # the default
+        assert torch.equal(ours, sample(name, den, SEEDS, SHAPE, steps=steps, **options))
     assert ours.shape == ref.shape and ours.dtype == torch.float32
-    assert ref.abs().max() < 10  # a sane O(1) model: the tolerance below is meaningful
-    tol = COSINE_DPM_TOL if (name, schedule_name) == ("dpmpp_2m", "cosine") else DIFFUSERS_TOL
+    assert ref.abs().max() < F32_SCALE  # a sane O(1) model: the tolerance below is meaningful
+    assert (ref.abs().max() > 1.0) != clip  # this model's x0_hat leaves [-1, 1]: clipping acts
+    if (name, schedule_name) == ("dpmpp_2m", "cosine"):
+        tol = _dpm_first_step_tol(schedules[schedule_name], steps)
+    else:
+        tol = f32_tol(steps)
     assert (ours - ref).abs().max().item() <= tol
+
+
+def test_timestep_grids_match_diffusers_for_every_step_count(schedules: dict[str, VPSchedule]
+                                                             ) -> None:
+    """dpmpp_2m's grid is DPMSolverMultistepScheduler's (timestep_spacing="linspace") for every N;
+    the leading/linspace/trailing spacings of ddpm/ddim are DDIM/DDPMScheduler's for every N.
+    Exceptions, both in diffusers: linspace at N = 1 (diffusers: [0], ours: [T-1]); trailing at
+    62 of the N (e.g. 61), where numpy's arange adds a value ~1e-13 that becomes t = -1."""
+    linear = schedules["linear"]
+    T = linear.num_timesteps
+    dpm = DPMSolverMultistepScheduler(num_train_timesteps=T)
+    for n in range(1, T):
+        dpm.set_timesteps(n)
+        rec = RecordingDenoiser(GaussianToy(linear))
+        if n in (1, 2, 30, 999):  # the sampler itself, not just the schedule helper
+            sample("dpmpp_2m", rec, SEEDS[:1], TOY_SHAPE, steps=n)
+            assert [int(t[0]) for t in rec.calls] == dpm.timesteps.tolist()
+        assert linear.timesteps(n + 1, "linspace")[:-1].tolist() == dpm.timesteps.tolist(), n
+    extra_minus_one = 0
+    for spacing in ("leading", "linspace", "trailing"):
+        ddim = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+        ddpm = DDPMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+        for n in range(1, T + 1):
+            ours = linear.timesteps(n, spacing).tolist()
+            ddim.set_timesteps(n)
+            ddpm.set_timesteps(n)
+            ref = ddim.timesteps.tolist()
+            assert ddpm.timesteps.tolist() == ref
+            if spacing == "linspace" and n == 1:
+                assert ref == [0] and ours == [T - 1]
+            elif spacing == "trailing" and len(ref) == n + 1:
+                assert ref[-1] == -1 and ours == ref[:-1], n
+                extra_minus_one += 1
+            else:
+                assert ours == ref, (spacing, n)
+    assert extra_minus_one == 62
 
 
 @pytest.mark.parametrize("name,steps,expected", [
     ("ddim", 10, list(range(900, -1, -100))),
     ("ddpm", 4, [999, 666, 333, 0]),  # with spacing="linspace" below
     ("dpmpp_2m", 5, [999, 799, 599, 400, 200]),  # round(linspace(0, 999, 6))[::-1][:-1]
+    # diffusers' numpy linspace: 15 * fl(999/30) = 499.49999999999994 -> 499 (the exact tie 499.5
+    # rounded half to even gave 500 before)
+    ("dpmpp_2m", 30, [999, 966, 932, 899, 866, 832, 799, 766, 733, 699, 666, 633, 599, 566, 533,
+                      499, 466, 433, 400, 366, 333, 300, 266, 233, 200, 166, 133, 100, 67, 33]),
 ])
 def test_denoiser_sees_original_timesteps(eps_models: dict[str, VPDenoiser], name: str,
                                           steps: int, expected: list[int]) -> None:
@@ -267,11 +371,13 @@ def _assert_moments(x: Tensor, mu: float = TOY_MU, s: float = TOY_S) -> tuple[fl
 def test_gaussian_toy_denoise_edm_agrees_with_vp_eps_path(schedules: dict[str, VPSchedule]
                                                           ) -> None:
     toy = GaussianToy(schedules["linear"])
-    x = torch.randn(5, *TOY_SHAPE, generator=torch.Generator().manual_seed(0)) * 3
-    for sigma in (0.05, 0.7, 12.0):
-        via_eps = Denoiser.denoise_edm(toy, x, torch.tensor(sigma, dtype=torch.float64))
-        torch.testing.assert_close(via_eps, toy.denoise_edm(x, torch.tensor(sigma)),
-                                   atol=1e-5, rtol=1e-5)
+    x = torch.randn(5, *TOY_SHAPE, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64) * 3
+    for value in (0.05, 0.7, 12.0):
+        sigma = torch.tensor(value, dtype=torch.float64)
+        via_eps = Denoiser.denoise_edm(toy, x, sigma)
+        # float64: |x| < 20, sigma <= 12 amplifies roundings (u = 1.1e-16) by < 1e3 -> 1e-12
+        torch.testing.assert_close(via_eps, toy.denoise_edm(x, sigma), atol=1e-12, rtol=1e-12)
 
 
 # Steps chosen so the sampler's discretisation bias on this toy is below one standard error
@@ -286,6 +392,8 @@ def test_gaussian_toy_denoise_edm_agrees_with_vp_eps_path(schedules: dict[str, V
 ])
 def test_gaussian_toy_recovers_data_distribution(schedules: dict[str, VPSchedule], name: str,
                                                  steps: int, options: dict[str, Any]) -> None:
+    if "clip_x0" in sampler_options(name):  # N(0.3, 0.5^2) has 8% of its mass above 1
+        options = {**options, "clip_x0": False}
     x = sample(name, GaussianToy(schedules["linear"]), TOY_SEEDS, TOY_SHAPE, steps=steps,
                **options)
     _assert_moments(x)
@@ -318,17 +426,19 @@ def test_edm_heun_is_second_order_on_the_exact_probability_flow(schedules: dict[
     ("dpmpp_2m", {}),
     ("edm_heun", {"S_churn": 5.0}),
 ])
-def test_samples_independent_of_batching_and_order(eps_models: dict[str, VPDenoiser],
+def test_samples_independent_of_batching_and_order(eps_models64: dict[str, VPDenoiser],
                                                    name: str, options: dict[str, Any]) -> None:
-    den = eps_models["linear"]
+    den = eps_models64["linear"]
     seeds = list(range(8))
     perm = [5, 2, 7, 0, 3, 6, 1, 4]
     full = sample(name, den, seeds, SHAPE, steps=6, **options)
-    batched = sample(name, den, seeds, SHAPE, steps=6, batch_size=3, **options)
+    with other_conv_kernels():
+        batched = sample(name, den, seeds, SHAPE, steps=6, batch_size=3, **options)
     permuted = sample(name, den, perm, SHAPE, steps=6, batch_size=3, **options)
-    # bit-identical on CPU here; the tolerance only absorbs batch-size-dependent conv kernels
-    torch.testing.assert_close(batched, full, atol=1e-6, rtol=0)
-    torch.testing.assert_close(permuted, full[perm], atol=1e-6, rtol=0)
+    assert full.dtype == torch.float64
+    # the tolerance only absorbs batch-size-dependent conv kernels (see FLOAT64_BATCHING_ATOL)
+    torch.testing.assert_close(batched, full, atol=FLOAT64_BATCHING_ATOL, rtol=0)
+    torch.testing.assert_close(permuted, full[perm], atol=FLOAT64_BATCHING_ATOL, rtol=0)
     assert not torch.allclose(full[0], full[1])
 
 
@@ -339,15 +449,16 @@ def test_float64_network_samples_in_float64_from_the_same_noise(
     x64 = sample(name, VPDenoiser(net64, schedules["linear"]), SEEDS, SHAPE, steps=10)
     x32 = sample(name, eps_models["linear"], SEEDS, SHAPE, steps=10)
     assert x64.dtype == torch.float64 and x32.dtype == torch.float32
-    assert (x64 - x32.double()).abs().max().item() < DIFFUSERS_TOL
+    assert (x64 - x32.double()).abs().max().item() < f32_tol(10)  # measured <= 8.4e-7
 
 
-def test_per_sample_cond_is_split_with_the_seeds(eps_models: dict[str, VPDenoiser]) -> None:
-    den = eps_models["linear"]
+def test_per_sample_cond_is_split_with_the_seeds(eps_models64: dict[str, VPDenoiser]) -> None:
+    den = eps_models64["linear"]
     y = torch.tensor([0, 1, 2, 1, 0])
     full = sample("ddim", den, range(5), SHAPE, steps=5, cond={"y": y})
-    batched = sample("ddim", den, range(5), SHAPE, steps=5, cond={"y": y}, batch_size=2)
-    torch.testing.assert_close(batched, full, atol=1e-6, rtol=0)
+    with other_conv_kernels():
+        batched = sample("ddim", den, range(5), SHAPE, steps=5, cond={"y": y}, batch_size=2)
+    torch.testing.assert_close(batched, full, atol=FLOAT64_BATCHING_ATOL, rtol=0)
     other = sample("ddim", den, range(5), SHAPE, steps=5, cond={"y": (y + 1) % NUM_CLASSES})
     assert not torch.allclose(other, full)
 
@@ -381,19 +492,23 @@ def test_cfg_at_zero_is_the_conditional_model(eps_models: dict[str, VPDenoiser])
 
 
 @pytest.mark.parametrize("omega", [0.5, 3.0])
-def test_cfg_equals_hand_combination(eps_models: dict[str, VPDenoiser], omega: float) -> None:
-    den = eps_models["linear"]
+def test_cfg_equals_hand_combination(eps_models64: dict[str, VPDenoiser], omega: float) -> None:
+    """One batched forward of both halves vs two forwards: float64, so a batch-size-dependent
+    conv kernel only shows at the FLOAT64_BATCHING_ATOL level."""
+    den = eps_models64["linear"]
     y = torch.tensor([0, 2, 1, 1])
     cfg = ClassifierFreeGuidance(den, omega=omega, null_label=NULL_LABEL)
     hand = HandCFG(den, omega)
-    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     t = torch.tensor([10, 300, 600, 999])
-    torch.testing.assert_close(cfg(x, t, y=y), hand(x, t, y=y), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cfg(x, t, y=y), hand(x, t, y=y), atol=FLOAT64_BATCHING_ATOL,
+                               rtol=0)
     assert not torch.allclose(cfg(x, t, y=y), den(x, t, y=y))
     for name in ("ddpm", "ddim"):
         ours = sample(name, cfg, SEEDS, SHAPE, steps=8, cond={"y": y})
         ref = sample(name, hand, SEEDS, SHAPE, steps=8, cond={"y": y})
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, ref, atol=FLOAT64_BATCHING_ATOL, rtol=0)
 
 
 def test_classifier_guidance_moves_mean_toward_target(schedules: dict[str, VPSchedule]) -> None:
@@ -494,13 +609,95 @@ def test_steps_out_of_range_are_config_errors(eps_models: dict[str, VPDenoiser],
 
 
 def test_registry_options_and_progress_bar(eps_models: dict[str, VPDenoiser],
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+                                           capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     assert {"ddim", "ddpm", "dpmpp_2m", "edm_heun"} <= set(SAMPLERS.names())
-    assert sampler_options("ddim") == {"eta": 0.0, "spacing": "leading", "clip_x0": False}
-    assert sampler_options("dpmpp_2m") == {}
-    x = sample("ddpm", eps_models["linear"], SEEDS[:1], SHAPE, steps=3, progress=True,
-               clip_x0=True)
-    assert "ddpm" in capsys.readouterr().err
-    assert x.abs().max() <= 1.0 + 1e-6  # the last step returns the clipped x0_hat
+    assert sampler_options("ddim") == {"eta": 0.0, "spacing": "leading", "clip_x0": True}
+    assert sampler_options("ddpm") == {"spacing": "leading", "variance": "fixed_small",
+                                       "clip_x0": True}
+    assert sampler_options("dpmpp_2m") == {"clip_x0": True}
+    assert "clip_x0" not in sampler_options("edm_heun")
+    # captured stderr is not a TTY: plain lines, no carriage returns (debiaslab.progress)
+    monkeypatch.setenv("DEBIASLAB_PROGRESS_INTERVAL", "0")  # a line per step
+    x = sample("ddpm", eps_models["linear"], SEEDS[:1], SHAPE, steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert "ddpm" in err and "\r" not in err and len(err.splitlines()) == 3  # one per step
+    assert x.abs().max() <= 1.0  # clip_x0 by default: the last step returns the clipped x0_hat
     for name in ("ddim", "ddpm", "dpmpp_2m", "edm_heun"):  # one step works, samples are finite
         assert torch.isfinite(sample(name, eps_models["cosine"], SEEDS[:1], SHAPE, steps=1)).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# x0 clipping (clip_x0, on by default for the VP samplers)
+
+
+class ConstantX0(nn.Module):
+    """An x0-predicting "network" that always predicts the constant ``value`` (out of [-1, 1])."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+        self.anchor = nn.Parameter(torch.zeros(()))  # gives the sampler a device/dtype
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return torch.full_like(x, self.value)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpmpp_2m"])
+def test_vp_samplers_clip_x0_by_default(schedules: dict[str, VPSchedule], name: str) -> None:
+    den = VPDenoiser(ConstantX0(5.0), schedules["linear"], target="x0")
+    clipped = sample(name, den, SEEDS, SHAPE, steps=6)
+    # the last step returns x0_hat (abar = 1 after it), clipped to the data range
+    assert torch.equal(clipped, torch.ones_like(clipped))
+    unclipped = sample(name, den, SEEDS, SHAPE, steps=6, clip_x0=False)
+    torch.testing.assert_close(unclipped, torch.full_like(unclipped, 5.0), atol=1e-3, rtol=0)
+
+
+class TanhX0(nn.Module):
+    """An x0-predicting "network", nonlinear in x and t, whose x0_hat leaves [-1, 1] at large t
+    (|x0| < 0.8 + 1.6 t/1000), so a clip at one step shows in the next step's in-range output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return 1.6 * torch.tanh(x) * (0.5 + t.to(x.dtype).view(-1, 1, 1, 1) / 1000)
+
+
+def _hand_two_steps(name: str, den: VPDenoiser, clip: bool) -> Tensor:
+    """Two steps by hand from ALGORITHMS.md §3.2 / the dpmpp_2m docstring, in float64: DDIM (eta=0)
+    on the leading grid (500, 0); DPM-Solver++ on (999, 500) then sigma = 0."""
+    abar = den.schedule.alphas_cumprod
+    x = SampleNoise(SEEDS, SHAPE, dtype=torch.float64).draw()
+
+    def x0_hat(x: Tensor, t: int) -> Tensor:
+        eps = den(x, torch.full((len(x),), t))
+        x0 = (x - (1 - abar[t]).sqrt() * eps) / abar[t].sqrt()
+        return x0.clamp(-1, 1) if clip else x0
+
+    if name == "ddim":
+        x0 = x0_hat(x, 500)
+        eps = (x - abar[500].sqrt() * x0) / (1 - abar[500]).sqrt()
+        x = abar[0].sqrt() * x0 + (1 - abar[0]).sqrt() * eps
+        return x0_hat(x, 0)  # abar_next = 1: x = x0_hat
+    x0 = x0_hat(x, 999)
+    a, s = abar[[999, 500]].sqrt(), (1 - abar[[999, 500]]).sqrt()
+    h = (a[1] / s[1]).log() - (a[0] / s[0]).log()
+    x = s[1] / s[0] * x - a[1] * torch.expm1(-h) * x0
+    return x0_hat(x, 500)  # sigma_next = 0: x = x0_hat
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_clipped_steps_match_hand_computation(schedules: dict[str, VPSchedule],
+                                              name: str) -> None:
+    den = VPDenoiser(TanhX0(), schedules["linear"], target="x0")
+    with torch.no_grad():
+        hand = {clip: _hand_two_steps(name, den, clip) for clip in (True, False)}
+    # the first step's clip moves the second step's input (the final x0_hat is in range here)
+    assert hand[True].abs().max() <= 1.0 and not torch.allclose(hand[True], hand[False])
+    # float64, ~20 operations on |x| < 10: 1e-12 is ~500x the roundoff
+    torch.testing.assert_close(sample(name, den, SEEDS, SHAPE, steps=2), hand[True],
+                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(sample(name, den, SEEDS, SHAPE, steps=2, clip_x0=False),
+                               hand[False], atol=1e-12, rtol=0)

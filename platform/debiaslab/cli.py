@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from debiaslab.config import ExperimentConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -33,6 +36,14 @@ def _load(args: argparse.Namespace):
     return cfg
 
 
+def _check_tracking(cfg: "ExperimentConfig") -> None:
+    """Refuse a bad MLflow store before any work (not after a training run)."""
+    if cfg.tracking.enabled:
+        from debiaslab.tracking import check_tracking_uri, resolve_tracking_uri
+
+        check_tracking_uri(resolve_tracking_uri(cfg.output_dir))
+
+
 def cmd_data_build(args: argparse.Namespace) -> int:
     from debiaslab.pipeline import build_data
 
@@ -43,12 +54,22 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from debiaslab.pipeline import build_data, train
+    from debiaslab.pipeline import build_data, check_resumable
+    from debiaslab.runlock import run_lock
 
     cfg = _load(args)
     if args.dry_run:
         return 0
-    build_data(cfg)
+    _check_tracking(cfg)
+    with run_lock(cfg.run_dir):
+        build_data(cfg)
+        check_resumable(cfg)  # refuse before an MLflow run records a config that won't apply
+        return _train_tracked(cfg)
+
+
+def _train_tracked(cfg: "ExperimentConfig") -> int:
+    from debiaslab.pipeline import train
+
     if cfg.tracking.enabled:
         from debiaslab.config import to_dict
         from debiaslab.tracking import Tracker, ui_hint
@@ -92,6 +113,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from debiaslab.errors import ConfigError
 
         raise ConfigError("evaluate needs --samples PATH or --checkpoint PATH")
+    _check_tracking(cfg)
     reference_path(cfg)  # fail fast on a bad reference, before any sampling
     sample_sets: dict[str, object] = {}
     if args.samples:
@@ -134,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for c in configs if args.seeds else []:
             print(f"seed {c.train.seed}: run {c.name} (group {c.tracking.group})")
         return 0
+    _check_tracking(cfg)
     for c in configs:
         result = run_experiment(c)
         for key, path in result.artifacts.items():
@@ -214,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="debiaslab",
         description="Debiasing diffusion models: data builds, training, sampling, tracking.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also DEBIASLAB_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("quickstart", help="digits-LT: baseline vs Debias weighting, end to end",
@@ -317,23 +342,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; user errors print one line and exit 2 (no traceback)."""
-    from debiaslab.errors import DebiaslabError
+    """Entry point. A user's mistake or the environment's refusal prints one line and exits 2;
+    ``--debug`` (or DEBIASLAB_DEBUG=1) shows the full traceback instead."""
+    from debiaslab.errors import user_error_message
     from debiaslab.tracking import Killed
 
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("DEBIASLAB_DEBUG", "") not in ("", "0")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except DebiaslabError as exc:
-        print(f"debiaslab: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("debiaslab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Killed as exc:  # SIGTERM: the MLflow run was already ended as KILLED
         print(f"debiaslab: terminated by signal {exc.signum}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or debug:
+            raise
+        print(f"debiaslab: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Unknown keys and bad values are one-line :class:`ConfigError` s naming the key a
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +90,9 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     seed: int = 0
+    # keys that may differ from the checkpoint's config when resuming (RESUME_ADJUSTABLE);
+    # any other difference in what defines the run is refused
+    resume_allow: tuple[str, ...] = ()
 
 
 @dataclass
@@ -112,6 +117,10 @@ class SampleConfig:
     cfg_omega: float = 0.0
     labels: Literal["balanced", "uniform", "none"] = "balanced"
     use_ema: bool = True
+    # clip x0_hat to the data range [-1, 1] at every step of the VP samplers (ddpm, ddim,
+    # dpmpp_2m), like guided-diffusion's clip_denoised and diffusers' clip_sample; ignored by
+    # edm_heun (no clipping, as NVlabs/edm). sample.options.<sampler>.clip_x0 overrides it.
+    clip_x0: bool = True
 
 
 @dataclass
@@ -194,11 +203,22 @@ class ExperimentConfig:
 
 
 def dataset_key(data: DataConfig) -> str:
-    """A readable folder name for a built dataset (e.g. ``digits-lt0.1-s0``)."""
+    """A readable folder name for a built dataset (e.g. ``digits-lt0.1-s0``), plus a short hash of
+    ``data.path`` (absolute) and ``data.source_options`` when they are set, so two image folders
+    never share a dataset folder."""
     key = {"none": data.source, "long_tail": f"{data.source}-lt{data.imb_factor:g}",
            "attribute_bias": f"{data.source}-bias-{data.bias_attribute}{data.bias_ratio:g}"
                              f"-ref{data.reference_fraction:g}"}[data.imbalance]
-    return f"{key}-s{data.seed}"
+    key = f"{key}-s{data.seed}"
+    if data.path or data.source_options:  # where the images come from is part of the key
+        import hashlib
+        import json
+
+        path = data.path if "://" in data.path or not data.path else str(Path(data.path).resolve())
+        blob = json.dumps({"path": path, "options": data.source_options}, sort_keys=True,
+                          default=str)
+        key += "-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
+    return key
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +234,7 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
+        _check_finite(value, key)
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -241,7 +262,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        key_type, value_type = get_args(tp) or (str, Any)
+        out = {}
+        for k, v in value.items():
+            if key_type is str and not isinstance(k, str):
+                raise ConfigError(f"{key}: keys must be strings, got {k!r}")
+            out[k] = _convert(v, value_type, f"{key}.{k}")
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -253,19 +280,36 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _check_finite(value: Any, key: str) -> None:
+    """Free-form values (source and sampler options) may not hide a NaN or an infinity either."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]")
 
 
 def _from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
@@ -326,13 +370,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"
+                          ) from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise ConfigError(f"{p}: invalid YAML{where}") from None
     if raw is None:
-        return {}
+        raise ConfigError(f"{p}: the config file is empty; give at least a name (or omit "
+                          f"--config to use the defaults)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: top level must be a mapping")
     return raw
@@ -428,6 +480,95 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("diffusion.loss=cbdm: needs model.class_conditional: true")
     if not cfg.model.channel_mult:
         raise ConfigError("model.channel_mult: must list at least one multiplier")
+    _validate_names_seeds_devices(cfg)
+    _validate_model(cfg)
+    _validate_options(cfg)
+
+
+# Resume (training.resume): keys whose change never alters what a run means are ignored; these
+# may change when the user lists them in train.resume_allow; every other difference is refused.
+RESUME_ADJUSTABLE = ("train.lr", "train.warmup_steps", "train.grad_clip", "train.weight_decay",
+                     "train.precision", "distributed.num_workers")
+RESUME_IGNORED = ("name", "output_dir", "data.", "sample.", "metrics.", "tracking.",
+                  "distributed.", "train.steps", "train.log_every", "train.checkpoint_every",
+                  "train.keep_checkpoints", "train.device", "train.resume_allow",
+                  "train.init_from", "train.init_weights")
+RESUME_COMPARED_DATA = ("data.augment",)  # the dataset itself is compared by content hash
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+MAX_NAME_CHARS = 128
+MAX_SEED = 2**31 - 1  # numpy, torch and the per-step seed arithmetic all stay in range below it
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_name(key: str, value: str) -> None:
+    """Run and experiment names become folder names: one plain path component, no traversal."""
+    if not NAME_PATTERN.match(value) or len(value) > MAX_NAME_CHARS:
+        raise ConfigError(
+            f"{key}: {value!r} is not a plain name; use letters, digits and . _ - + = "
+            f"(no '/', no leading '.', at most {MAX_NAME_CHARS} characters)")
+
+
+def _validate_names_seeds_devices(cfg: ExperimentConfig) -> None:
+    check_name("name", cfg.name)
+    if not cfg.output_dir.strip():
+        raise ConfigError("output_dir: must not be empty")
+    seeds = {"train.seed": cfg.train.seed, "data.seed": cfg.data.seed,
+             "metrics.seed": cfg.metrics.seed, "sample.seed_start": cfg.sample.seed_start}
+    for key, value in seeds.items():
+        if not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"{key}: must be in [0, {MAX_SEED}], got {value}")
+    last = cfg.sample.seed_start + cfg.sample.num_samples - 1
+    if last > MAX_SEED:
+        raise ConfigError(f"sample.seed_start + sample.num_samples - 1 = {last} exceeds "
+                          f"{MAX_SEED}; lower sample.seed_start")
+    if not DEVICE_PATTERN.match(cfg.train.device):
+        raise ConfigError(f"train.device: unknown device {cfg.train.device!r}; allowed: auto, "
+                          f"cpu, cuda, cuda:N, mps")
+
+
+def _validate_model(cfg: ExperimentConfig) -> None:
+    m = cfg.model
+    if m.num_res_blocks < 1:
+        raise ConfigError(f"model.num_res_blocks: must be >= 1, got {m.num_res_blocks}")
+    if m.head_channels < 1:
+        raise ConfigError(f"model.head_channels: must be >= 1, got {m.head_channels}")
+    for field_name in ("channel_mult", "attention_resolutions"):
+        values = getattr(m, field_name)
+        bad = [v for v in values if v < 1]
+        if bad:
+            raise ConfigError(f"model.{field_name}: every entry must be >= 1, got "
+                              f"{list(values)}")
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay: must be >= 0, got {cfg.train.weight_decay}")
+    if cfg.train.resume_allow:
+        unknown = sorted(set(cfg.train.resume_allow) - set(RESUME_ADJUSTABLE))
+        if unknown:
+            raise ConfigError(f"train.resume_allow: {', '.join(unknown)} cannot change on "
+                              f"resume; allowed: {', '.join(RESUME_ADJUSTABLE)}")
+
+
+def _validate_options(cfg: ExperimentConfig) -> None:
+    """Free-form option mappings are checked against the components that will receive them,
+    so a typo fails at --dry-run, not after a training run."""
+    from debiaslab.data.sources import check_source_options
+    from debiaslab.diffusion.samplers import SAMPLERS, sampler_options
+
+    check_source_options(cfg.data.source, cfg.data.source_options)
+    for sampler, options in cfg.sample.options.items():
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"sample.options.{sampler}: unknown sampler; allowed: "
+                              f"{', '.join(SAMPLERS.names())}")
+        if not isinstance(options, dict):
+            raise ConfigError(f"sample.options.{sampler}: expected a mapping of option: value, "
+                              f"got {options!r}")
+        allowed = sampler_options(sampler)
+        unknown = sorted(set(options) - set(allowed))
+        if unknown:
+            raise ConfigError(f"sample.options.{sampler}: unknown option(s) "
+                              f"{', '.join(map(str, unknown))}; allowed: "
+                              f"{', '.join(sorted(allowed)) or '(none)'}")
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

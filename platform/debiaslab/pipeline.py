@@ -19,32 +19,80 @@ def log(msg: str) -> None:
     print(f"[debiaslab] {msg}", flush=True)
 
 
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write a small text file through a temp name and a rename (never half-written)."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 # ------------------------------------------------------------------------------------ data
 
 
 def build_data(cfg: ExperimentConfig, *, force: bool = False) -> Path:
-    """Build the configured dataset as Parquet shards (reused when it already exists)."""
+    """Build the configured dataset as Parquet shards (reused when it already exists and was
+    built from the same recipe; a folder built from another recipe is refused, not reused)."""
     from debiaslab.data.schema import read_manifest
     from debiaslab.data.sources import build_dataset
 
     out = cfg.dataset_path
+    recipe = data_recipe(cfg.data)
     if not force and train_data_path(cfg, out).joinpath("dataset.json").is_file():
         manifest = read_manifest(train_data_path(cfg, out))
+        check_recipe(out, manifest.extra.get("build", {}), recipe)
         log(f"dataset {out} exists ({manifest.num_rows} images, hash "
             f"{manifest.content_hash[:12]}); pass --force to rebuild")
         return out
-    d = cfg.data
-    options = dict(d.source_options)
-    if d.path:
-        options.setdefault("root", d.path)
-    build_dataset(
-        d.source, out, source_options=options, imbalance=d.imbalance, imb_factor=d.imb_factor,
-        bias_attribute=d.bias_attribute or None, bias_ratio=d.bias_ratio,
-        reference_fraction=d.reference_fraction, seed=d.seed,
-    )
+    build_dataset(cfg.data.source, out, **recipe_kwargs(recipe))
     manifest = read_manifest(train_data_path(cfg, out))
     log(f"built {out}: {manifest.num_rows} images, class counts {manifest.class_counts}")
     return out
+
+
+RECIPE_KEYS = ("source", "source_options", "imbalance", "imb_factor", "bias_attribute",
+               "bias_ratio", "reference_fraction", "seed")
+
+
+def data_recipe(d: Any) -> dict[str, Any]:
+    """Everything that defines a built dataset (as its manifest records it under build)."""
+    from debiaslab.data.sources import bind_source_path
+
+    options = bind_source_path(d.source, dict(d.source_options), d.path) if d.path else \
+        dict(d.source_options)
+    return {"source": d.source, "source_options": options, "imbalance": d.imbalance,
+            "imb_factor": d.imb_factor, "bias_attribute": d.bias_attribute or None,
+            "bias_ratio": d.bias_ratio, "reference_fraction": d.reference_fraction,
+            "seed": d.seed}
+
+
+def recipe_kwargs(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k != "source"}
+
+
+def check_recipe(folder: Path, built: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """A dataset folder is reused only for the recipe it was built from."""
+    import json
+
+    def norm(recipe: dict[str, Any]) -> dict[str, Any]:
+        out = {k: recipe.get(k) for k in RECIPE_KEYS}
+        if out["imbalance"] != "long_tail":
+            out["imb_factor"] = None
+        if out["imbalance"] != "attribute_bias":
+            out["bias_attribute"] = out["bias_ratio"] = out["reference_fraction"] = None
+        return json.loads(json.dumps(out, default=str))
+
+    have, want = norm(built), norm(wanted)
+    diffs = [k for k in RECIPE_KEYS if have[k] != want[k]]
+    if diffs:
+        shown = "; ".join(f"{k}: {have[k]!r} (built) vs {want[k]!r} (config)" for k in diffs)
+        raise DataError(f"{folder}: holds a dataset built from another recipe ({shown}); pass "
+                        f"--force to rebuild it, or set another data.dataset_dir")
 
 
 def train_data_path(cfg: ExperimentConfig, root: Path | None = None) -> Path:
@@ -79,18 +127,66 @@ class StageResult:
     evaluations: dict[str, Any] = field(default_factory=dict)  # sampler -> Evaluation
 
 
+def resume_point(cfg: ExperimentConfig) -> Path | None:
+    """The checkpoint a training run of ``cfg`` would resume from (local or Ray storage)."""
+    from debiaslab.training.checkpoint import latest_checkpoint, list_checkpoints
+
+    if cfg.distributed.backend != "ray":
+        return latest_checkpoint(cfg.run_dir / "checkpoints")
+    from debiaslab.distributed.train import storage_path
+
+    storage = storage_path(cfg)
+    if "://" in storage:
+        return None  # remote storage: the workers check when they restore
+    found = [c for folder in sorted((Path(storage) / cfg.name).glob("checkpoint_*"))
+             for c in list_checkpoints(folder)]
+    return max(found)[1] if found else None
+
+
+def check_resumable(cfg: ExperimentConfig) -> dict[str, tuple]:
+    """Before any MLflow run is opened: refuse a resume that would change what the run means
+    (training.resume); returns the changes train.resume_allow accepted."""
+    from debiaslab.training.checkpoint import TRAINER_KEYS, load_checkpoint
+    from debiaslab.training.resume import check_resume
+
+    latest = resume_point(cfg)
+    if latest is None:
+        return {}
+    from debiaslab.data.schema import read_manifest
+
+    state = load_checkpoint(latest, required=TRAINER_KEYS)
+    return check_resume(cfg, state, latest, read_manifest(train_data_path(cfg)).content_hash)
+
+
 def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) -> StageResult:
-    """Train ``cfg`` on its built dataset in this process (Ray Train reuses the same Trainer)."""
+    """Train ``cfg`` on its built dataset in this process (Ray Train reuses the same Trainer),
+    holding the run folder's lock; orphaned temp files of killed writers are removed first."""
+    from debiaslab.runlock import run_lock
+
+    with run_lock(cfg.run_dir):
+        return _train(cfg, tracker=tracker, progress=progress)
+
+
+def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) -> StageResult:
+    from debiaslab.training.checkpoint import remove_orphan_temps
     from debiaslab.training.loop import Trainer
+    from debiaslab.training.resume import describe_changes
 
     dataset = load_training_data(cfg)
+    changes = check_resumable(cfg)
+    for path in remove_orphan_temps(cfg.run_dir / "checkpoints"):
+        log(f"removed {path.name}, left by a writer that was killed")
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
     if tracker is not None:
         tracker.log_dataset(dataset.content_hash, "train", str(train_data_path(cfg)))
         on_metrics = lambda step, metrics: tracker.log_metrics(metrics, step)
+        if changes:
+            tracker.set_tag("debiaslab.resume_changes", describe_changes(changes))
+    if changes:
+        log(f"resuming with changed {', '.join(changes)} (train.resume_allow)")
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     if cfg.distributed.backend == "ray":
         from debiaslab.distributed.train import train_distributed
 
@@ -141,7 +237,8 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
         else:
             images = generate(trained, name, seeds, steps=s.steps, labels=labels,
                               cfg_omega=s.cfg_omega, batch_size=s.batch_size,
-                              progress=progress, options=s.options.get(name, {}))
+                              progress=progress, options=s.options.get(name, {}),
+                              clip_x0=s.clip_x0)
         seconds = time.perf_counter() - t0
         order = torch.argsort(labels, stable=True) if labels is not None else torch.arange(len(seeds))
         grid = save_image_grid(images[order], out / f"grid_{name}.png", GRID_COLUMNS,
@@ -174,7 +271,7 @@ def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Pa
     with ray_session(d.address, object_store_memory_gb=d.object_store_memory_gb):
         sample_job(checkpoint, sampler, range(s.seed_start, s.seed_start + s.num_samples), out,
                    steps=s.steps, labels_mode=s.labels, cfg_omega=s.cfg_omega,
-                   options=s.options.get(sampler, {}), use_ema=s.use_ema,
+                   options=s.options.get(sampler, {}), clip_x0=s.clip_x0, use_ema=s.use_ema,
                    device=cfg.train.device, concurrency=d.map_concurrency,
                    num_cpus=d.map_num_cpus, num_gpus=d.map_num_gpus)
     ds = ImageDataset.load(out)
@@ -223,12 +320,13 @@ def reference_path(cfg: ExperimentConfig) -> Path:
                       source_options=dict(cfg.data.source_options), imbalance="none",
                       seed=cfg.data.seed)
     path = Path(cfg.output_dir).resolve() / "data" / f"{dataset_key(full)}-reference"
-    if not (path / "dataset.json").is_file():
-        options = dict(full.source_options)
-        if full.path:
-            options.setdefault("root", full.path)
-        build_dataset(full.source, path, source_options=options, imbalance="none",
-                      seed=full.seed)
+    recipe = data_recipe(full)
+    if (path / "dataset.json").is_file():
+        from debiaslab.data.schema import read_manifest
+
+        check_recipe(path, read_manifest(path).extra.get("build", {}), recipe)
+    else:
+        build_dataset(full.source, path, **recipe_kwargs(recipe))
         log(f"built reference set {path}")
     return path
 
@@ -312,10 +410,18 @@ def seed_configs(cfg_path: str | None, overrides: list[str], seeds: list[int]
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResult:
     """data build -> train -> sample (+ plots), all recorded in one MLflow run."""
+    from debiaslab.runlock import run_lock
+
+    with run_lock(cfg.run_dir):
+        build_data(cfg)
+        check_resumable(cfg)  # before an MLflow run records a config that would not apply
+        return _run_experiment(cfg, progress=progress)
+
+
+def _run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResult:
     from debiaslab.report import class_count_figure, save_figure
     from debiaslab.tracking import Tracker
 
-    build_data(cfg)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker_cm = (Tracker(cfg.output_dir, cfg.tracking.experiment,

@@ -14,7 +14,8 @@ from debiaslab.diffusion.denoiser import Denoiser
 from debiaslab.diffusion.guidance import ClassifierFreeGuidance
 from debiaslab.diffusion.losses import build_loss
 from debiaslab.diffusion.samplers import sample as run_sampler
-from debiaslab.errors import ConfigError
+from debiaslab.diffusion.samplers import sampler_options
+from debiaslab.errors import CheckpointError, ConfigError, describe_error
 from debiaslab.training.checkpoint import load_checkpoint, resolve_checkpoint
 from debiaslab.training.loop import build_net, select_device
 
@@ -42,14 +43,21 @@ class TrainedModel:
 def load_trained(path: str | Path, *, use_ema: bool = True, device: str = "auto") -> TrainedModel:
     """Restore the (EMA) model of a checkpoint file or of a run folder's latest checkpoint."""
     ckpt_path = resolve_checkpoint(path)
-    state = load_checkpoint(ckpt_path)
-    cfg = from_dict(state["config"])
-    data = state["data"]
-    shape = tuple(int(v) for v in data["shape"])
-    loss = build_loss(cfg)
-    model = loss.wrap(build_net(cfg, shape, int(data["num_classes"])))
-    weights = state["ema"]["shadow"] if use_ema else state["model"]
-    model.load_state_dict(weights)
+    state = load_checkpoint(ckpt_path, required=("model", "ema", "step", "config", "data"))
+    try:
+        cfg = from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{ckpt_path}: its embedded config is invalid ({exc})") from None
+    try:
+        data = state["data"]
+        shape = tuple(int(v) for v in data["shape"])
+        loss = build_loss(cfg)
+        model = loss.wrap(build_net(cfg, shape, int(data["num_classes"])))
+        weights = state["ema"]["shadow"] if use_ema else state["model"]
+        model.load_state_dict(weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt_path}: does not hold a model of its own config "
+                              f"({describe_error(exc, lines=2)})") from None
     model = model.to(select_device(device)).eval().requires_grad_(False)
     return TrainedModel(cfg=cfg, model=model, denoiser=loss.denoiser(model), shape=shape,
                         num_classes=int(data["num_classes"]), class_names=list(data["class_names"]),
@@ -80,8 +88,17 @@ def generate(
     batch_size: int = 100,
     progress: bool = False,
     options: dict[str, Any] | None = None,
+    clip_x0: bool | None = None,
 ) -> Tensor:
-    """Images in [-1, 1], [N, C, H, W] on CPU; row i depends only on seeds[i] (and labels[i])."""
+    """Images in [-1, 1], [N, C, H, W] on CPU; row i depends only on seeds[i] (and labels[i]).
+
+    ``clip_x0`` (cfg.sample.clip_x0; None = the sampler's default) is passed to samplers that
+    have that option (the VP samplers) unless ``options`` sets it (options win); samplers
+    without it (edm_heun) ignore it.
+    """
+    options = dict(options or {})
+    if clip_x0 is not None and "clip_x0" in sampler_options(sampler):
+        options.setdefault("clip_x0", bool(clip_x0))
     denoiser: Denoiser = trained.denoiser
     if labels is not None and trained.null_label is None:
         raise ConfigError("sample.labels: this model is unconditional; use labels=none")
@@ -97,6 +114,6 @@ def generate(
         if labels is not None:
             cond["y"] = labels[start:start + batch_size].to(device)
         x = run_sampler(sampler, denoiser, chunk, trained.shape, steps=steps, cond=cond,
-                        device=device, progress=progress, **(options or {}))
+                        device=device, progress=progress, **options)
         out.append(x.float().clamp(-1, 1).cpu())
     return torch.cat(out)

@@ -12,6 +12,7 @@ import random
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import tempfile
 import threading
@@ -22,7 +23,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
-from debiaslab.errors import DebiaslabError
+from debiaslab.errors import DebiaslabError, TrackingError
 
 MAX_PARAM_VALUE_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE_CHARS = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
@@ -201,6 +202,105 @@ def _retry_locked(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     raise AssertionError("unreachable")
 
 
+OWNER_HOST_TAG, OWNER_PID_TAG = "debiaslab.host", "debiaslab.pid"
+TRACKING_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql",
+                    "databricks")
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Fail fast, in one line, on a tracking URI MLflow could only refuse slowly or cryptically:
+    an unknown scheme, an unreachable server, a SQLite file that is not a database."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(tracking_uri)
+    scheme = parts.scheme.split("+", 1)[0]
+    where = _uri_source(tracking_uri)
+    if scheme not in TRACKING_SCHEMES:
+        raise TrackingError(f"{where}: unsupported tracking URI {tracking_uri!r}; use "
+                            f"sqlite:///PATH or http(s)://HOST:PORT")
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise TrackingError(f"{where}: {tracking_uri!r} names no host")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError:
+            raise TrackingError(f"{where}: {tracking_uri!r} has an invalid port") from None
+        try:
+            socket.create_connection((parts.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as exc:
+            raise TrackingError(f"{where}: cannot reach the MLflow server at {tracking_uri} "
+                                f"({exc.strerror or exc}); start it or unset "
+                                f"MLFLOW_TRACKING_URI") from None
+    db_path = _sqlite_db_path(tracking_uri)
+    if db_path is not None and db_path.is_file() and db_path.stat().st_size > 0:
+        with open(db_path, "rb") as fh:
+            header = fh.read(16)
+        if header != b"SQLite format 3\x00":
+            raise TrackingError(f"{db_path}: not an SQLite database, so not an MLflow store; "
+                                f"move it away or set MLFLOW_TRACKING_URI")
+
+
+def _uri_source(tracking_uri: str) -> str:
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip() == tracking_uri:
+        return "MLFLOW_TRACKING_URI"
+    return "tracking URI"
+
+
+def make_client(tracking_uri: str) -> Any:
+    """An `MlflowClient` for a checked URI (local SQLite folders are created)."""
+    check_tracking_uri(tracking_uri)
+    db_path = _sqlite_db_path(tracking_uri)
+    if db_path is not None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    return _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
+
+
+class store_errors:  # noqa: N801 - used as a context manager
+    """Turn the tracking store's refusals (MLflow, SQLAlchemy, HTTP) into one-line
+    `TrackingError`s naming the store; our own errors and OS errors pass through."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, (DebiaslabError, OSError)):
+            return False
+        module = type(exc).__module__.split(".", 1)[0]
+        if module in ("mlflow", "sqlalchemy", "requests", "urllib3", "alembic", "sqlite3"):
+            from debiaslab.errors import describe_error
+
+            raise TrackingError(f"MLflow store {self.tracking_uri}: {describe_error(exc)}"
+                                ) from None
+        return False
+
+
+def end_dead_runs(client: Any, experiment_id: str, run_name: str) -> list[str]:
+    """Runs named ``run_name`` still RUNNING whose process on this host is gone (killed with
+    -9, a crashed machine) are ended KILLED, so the MLflow UI shows no zombies."""
+    from debiaslab.training.checkpoint import pid_alive
+
+    host = socket.gethostname()
+    quoted = run_name.replace("'", "\\'")
+    runs = client.search_runs([experiment_id], filter_string=(
+        f"attributes.run_name = '{quoted}' and attributes.status = 'RUNNING' and "
+        f"tags.`{OWNER_HOST_TAG}` = '{host}'"))
+    ended = []
+    for run in runs:
+        pid = run.data.tags.get(OWNER_PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            _retry_locked(client.set_tag, run.info.run_id, "debiaslab.ended_by",
+                          f"cleanup: process {pid} was gone")
+            _retry_locked(client.set_terminated, run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
+
+
 def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -243,13 +343,20 @@ class Tracker:
 
     # ----------------------------------------------------------------- lifecycle
     def __enter__(self) -> Tracker:
+        with store_errors(self._tracking_uri):
+            return self._enter()
+
+    def _enter(self) -> Tracker:
         from mlflow.entities import RunStatus
 
         client = self.client
         if self._run_id is None:
             self._experiment_id = self._get_or_create_experiment()
+            if self.run_name:
+                end_dead_runs(client, self._experiment_id, self.run_name)
             run = _retry_locked(
-                client.create_run, self._experiment_id, run_name=self.run_name
+                client.create_run, self._experiment_id, run_name=self.run_name,
+                tags={OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(os.getpid())},
             )
         else:
             run = client.get_run(self._run_id)
@@ -332,10 +439,7 @@ class Tracker:
     def client(self) -> Any:
         """The `mlflow.MlflowClient` bound to this Tracker's tracking URI."""
         if self._client is None:
-            db_path = _sqlite_db_path(self._tracking_uri)
-            if db_path is not None:
-                db_path.parent.mkdir(parents=True, exist_ok=True)
-            self._client = _import_mlflow().MlflowClient(tracking_uri=self._tracking_uri)
+            self._client = make_client(self._tracking_uri)
         return self._client
 
     @property
@@ -482,7 +586,7 @@ def find_runs(
     ids are :class:`DebiaslabError` s naming them."""
     from mlflow.exceptions import MlflowException
 
-    client = _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
+    client = make_client(tracking_uri)
     names: dict[str, str] = {}
     runs = []
     if run_ids:

@@ -10,6 +10,7 @@ import numpy as np
 from debiaslab.errors import DataError
 
 _FLOOR_EPS = 1e-9  # guards floor(P / ratio) against 999.9999999 for exact quotients
+_MAX_CLASSES_SHOWN = 10  # empty classes named in the long-tail error
 
 
 def _check_imb_factor(imb_factor: float) -> None:
@@ -27,17 +28,56 @@ def long_tail_counts(n_max: int, num_classes: int, imb_factor: float) -> list[in
     return [int(n_max * imb_factor ** (c / (num_classes - 1))) for c in range(num_classes)]
 
 
+def min_imb_factor(n_max: int, num_classes: int) -> float:
+    """Smallest rho (at most 1) whose long-tail profile gives every class >= 1 image. The tail
+    class gets floor(n_max * rho), so it is 1 / n_max, nudged up past floating-point error."""
+    rho = 1.0 / n_max
+    while min(long_tail_counts(n_max, num_classes, rho)) < 1:
+        rho = float(np.nextafter(rho, 2.0))
+    return rho
+
+
+def _readable_factor(n_max: int, num_classes: int, rho: float) -> str:
+    """`rho` rounded up to 3 (or more, until every class is kept) significant digits."""
+    for digits in range(3, 18):
+        scale = 10.0 ** (digits - 1 - math.floor(math.log10(rho)))
+        candidate = min(math.ceil(rho * scale) / scale, 1.0)
+        if min(long_tail_counts(n_max, num_classes, candidate)) >= 1:
+            return f"{candidate:g}"
+    return repr(rho)
+
+
+def _check_no_empty_class(
+    counts: list[int], n_max: int, imb_factor: float, class_names: list[str] | None
+) -> None:
+    empty = [c for c, n_c in enumerate(counts) if n_c < 1]
+    if not empty:
+        return
+    names = [class_names[c] if class_names and c < len(class_names) else str(c) for c in empty]
+    shown = ", ".join(names[:_MAX_CLASSES_SHOWN])
+    if len(names) > _MAX_CLASSES_SHOWN:
+        shown += f", ... ({len(names)} in all)"
+    smallest = _readable_factor(n_max, len(counts), min_imb_factor(n_max, len(counts)))
+    raise DataError(
+        f"data.imb_factor: {imb_factor} leaves class(es) {shown} with zero images "
+        f"(n_max {n_max}, {len(counts)} classes); the smallest factor that keeps every class "
+        f"(>= 1 image) is 1/n_max = 1/{n_max}: set data.imb_factor >= {smallest}"
+    )
+
+
 def long_tail_indices(
     labels: np.ndarray,
     imb_factor: float,
     seed: int = 0,
     n_max: int | None = None,
     num_classes: int | None = None,
+    class_names: list[str] | None = None,
 ) -> np.ndarray:
     """Indices of a long-tailed subset: one RandomState(seed); for c = 0..C-1 shuffle class c's
     sorted indices and keep the first n_c. Returned class-major in that order (as in CBDM).
 
-    `n_max` defaults to the smallest class count, so every class can supply its n_c.
+    `n_max` defaults to the smallest class count, so every class can supply its n_c. A factor
+    that leaves a class with no image is a DataError (naming `class_names` when given).
     """
     _check_imb_factor(imb_factor)
     labels = np.asarray(labels)
@@ -52,6 +92,7 @@ def long_tail_indices(
     if n_max is None:
         n_max = int(available.min())
     counts = long_tail_counts(n_max, num_classes, imb_factor)
+    _check_no_empty_class(counts, n_max, imb_factor, class_names)
     rng = np.random.RandomState(seed)
     selected = []
     for c, n_c in enumerate(counts):

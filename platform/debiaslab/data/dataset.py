@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from debiaslab.data.schema import (
     NO_LABEL,
@@ -25,8 +24,9 @@ from debiaslab.data.schema import (
     read_manifest,
     table_digests,
 )
+from debiaslab.progress import progress
 
-PROGRESS_MIN_IMAGES = 1000  # show a tqdm bar when decoding at least this many images
+PROGRESS_MIN_IMAGES = 1000  # show a progress bar when decoding at least this many images
 PIXEL_HALF_RANGE = 127.5  # uint8 0..255 -> [-1, 1] via x / 127.5 - 1
 
 
@@ -99,7 +99,7 @@ class ImageDataset(Dataset):
         channels = manifest.image_shape[0]
         images = np.empty((table.num_rows, *manifest.image_shape), dtype=np.uint8)
         blobs = table.column("image").to_pylist()
-        bar = tqdm(
+        bar = progress(
             enumerate(blobs),
             total=len(blobs),
             desc=f"decoding {manifest.name}",

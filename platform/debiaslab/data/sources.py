@@ -3,6 +3,7 @@ and `build_dataset`: load -> imbalance builder -> Parquet via the atomic `write_
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import io
 import os
@@ -15,7 +16,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from debiaslab.data.builders import attribute_bias_indices, long_tail_indices
 from debiaslab.data.digits import DIGITS_SIZE, load_digits_arrays
@@ -31,12 +31,13 @@ from debiaslab.data.schema import (
     write_json,
 )
 from debiaslab.errors import ConfigError, DataError
+from debiaslab.progress import progress
 from debiaslab.registry import Registry
 
 SourceLoader = Callable[..., ImageArrays]
 SOURCES: Registry[SourceLoader] = Registry("data source")
 
-PROGRESS_MIN_IMAGES = 1000  # show a tqdm bar when decoding at least this many images
+PROGRESS_MIN_IMAGES = 1000  # show a progress bar when decoding at least this many images
 RESAMPLE = Image.Resampling.BILINEAR  # Pillow's bilinear filter antialiases when downsampling
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 MAX_KEYS_SHOWN = 6  # keys listed when a pickle lacks an expected one
@@ -139,7 +140,7 @@ def _decode_many(
 ) -> np.ndarray:
     """Decode (source, where) pairs into one (N, C, H, W) uint8 array; all shapes must agree."""
     out: np.ndarray | None = None
-    bar = tqdm(items, desc=desc, unit="img", disable=len(items) < PROGRESS_MIN_IMAGES)
+    bar = progress(items, desc=desc, unit="img", disable=len(items) < PROGRESS_MIN_IMAGES)
     for i, (src, where) in enumerate(bar):
         image = decode_image(src, where, channels, size, crop_size)
         if out is None:
@@ -177,12 +178,65 @@ def load_digits_source(size: int = DIGITS_SIZE) -> ImageArrays:
 # ---------------------------------------------------------------------------------- CIFAR
 
 
+# Globals a CIFAR pickle may name: numpy array / dtype / scalar reconstruction (numpy 1.x writes
+# numpy.core.*, 2.x numpy._core.*; protocol 5 uses _frombuffer) and _codecs.encode, which
+# protocol <= 2 pickles written by Python 3 use for bytes. Values: (numpy submodule, name).
+_CIFAR_NUMPY_GLOBALS: dict[tuple[str, str], tuple[str, str]] = {
+    **{
+        (f"numpy.{core}.{sub}", name): (sub, name)
+        for core in ("core", "_core")
+        for sub, name in (
+            ("multiarray", "_reconstruct"),
+            ("multiarray", "scalar"),
+            ("numeric", "_frombuffer"),
+        )
+    },
+    ("numpy", "ndarray"): ("", "ndarray"),
+    ("numpy", "dtype"): ("", "dtype"),
+}
+_CIFAR_OTHER_GLOBALS = {("_codecs", "encode")}
+
+
+def _numpy_global(submodule: str, name: str) -> Any:
+    """`name` from numpy (submodule "") or numpy's core `submodule`, for the installed numpy."""
+    if not submodule:
+        return getattr(np, name)
+    try:
+        module = importlib.import_module(f"numpy._core.{submodule}")
+    except ImportError:  # numpy 1.x without the numpy._core alias
+        module = importlib.import_module(f"numpy.core.{submodule}")
+    return getattr(module, name)
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for the official CIFAR python format: dicts, lists, bytes, str, ints and numpy
+    arrays only. Any other global (os.system, builtins.eval, ...) is a one-line DataError, so
+    a crafted batch file cannot run code."""
+
+    def __init__(self, file: Any, where: str | os.PathLike[str], **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.where = where
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_NUMPY_GLOBALS:
+            return _numpy_global(*_CIFAR_NUMPY_GLOBALS[module, name])
+        if (module, name) in _CIFAR_OTHER_GLOBALS:
+            return super().find_class(module, name)
+        raise data_error(
+            self.where,
+            f"refused to unpickle global {module}.{name} (not part of the CIFAR format); "
+            "use the official CIFAR python files",
+        )
+
+
 def _unpickle(path: Path) -> dict[Any, Any]:
-    """Load one CIFAR pickle (the official python format; only load files you trust)."""
+    """Load one CIFAR pickle (the official python format) with RestrictedUnpickler."""
     _require(path, "CIFAR file", "file")
     try:
         with path.open("rb") as f:
-            payload = pickle.load(f, encoding="bytes")
+            payload = RestrictedUnpickler(f, path, encoding="bytes").load()
+    except DataError:
+        raise
     except Exception as exc:  # arbitrary bytes can raise almost any exception type in pickle
         raise data_error(path, f"not a CIFAR pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict):
@@ -542,7 +596,12 @@ def _long_tail(data: ImageArrays, spec: ImbalanceSpec) -> dict[str, np.ndarray]:
         raise DataError("long_tail needs a labelled source (this one has no classes)")
     return {
         "": long_tail_indices(
-            data.labels, spec.imb_factor, spec.seed, spec.n_max, num_classes=data.num_classes
+            data.labels,
+            spec.imb_factor,
+            spec.seed,
+            spec.n_max,
+            num_classes=data.num_classes,
+            class_names=list(data.class_names),
         )
     }
 
@@ -558,17 +617,76 @@ def _attribute_bias(data: ImageArrays, spec: ImbalanceSpec) -> dict[str, np.ndar
     return {BIASED_NAME: biased, REFERENCE_NAME: reference}
 
 
-def load_source(source: str, options: Mapping[str, Any] | None = None) -> ImageArrays:
-    """Run the registered loader `source` with `options`; unknown options are a ConfigError."""
-    loader = SOURCES.get(source)
-    options = dict(options or {})
-    signature = inspect.signature(loader)
+SOURCE_PATH_PARAMETERS = ("root", "path")  # a loader's parameter that data.path fills
+
+
+def _loader(source: str) -> SourceLoader:
     try:
-        signature.bind(**options)
+        return SOURCES.get(source)
+    except ConfigError as exc:
+        raise ConfigError(f"data.source: {exc}") from None
+
+
+def check_source_options(
+    source: str, options: Mapping[str, Any] | None = None, *, complete: bool = False
+) -> None:
+    """Check `options` against loader `source`'s signature without loading anything: an
+    unknown source or option is a one-line ConfigError naming data.source_options. With
+    `complete`, required options (e.g. root) must be present too; without it (config
+    validation, before data.path is bound) only unknown options are errors."""
+    signature = inspect.signature(_loader(source))
+    try:
+        if complete:
+            signature.bind(**dict(options or {}))
+        else:
+            signature.bind_partial(**dict(options or {}))
     except TypeError as exc:
-        valid = ", ".join(signature.parameters)
-        raise ConfigError(f"data source {source!r}: {exc}; options: {valid}") from None
-    return loader(**options)
+        valid = ", ".join(signature.parameters) or "(none)"
+        raise ConfigError(
+            f"data.source_options: data source {source!r}: {exc}; options: {valid}"
+        ) from None
+
+
+def source_path_parameter(source: str) -> str | None:
+    """The parameter of loader `source` that takes its file or folder (root / path), if any."""
+    parameters = inspect.signature(_loader(source)).parameters
+    return next((name for name in SOURCE_PATH_PARAMETERS if name in parameters), None)
+
+
+def bind_source_path(
+    source: str, options: Mapping[str, Any], path: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """A copy of `options` with `path` (data.path) bound to the loader's path parameter: `root`
+    for cifar10/100, celeba and folder, `path` for parquet. A source without one (digits), or
+    options that already give that parameter another value, is a ConfigError."""
+    parameter = source_path_parameter(source)
+    if parameter is None:
+        takes = [name for name in SOURCES.names() if source_path_parameter(name)]
+        raise ConfigError(
+            f"data.path: source {source!r} takes no path; remove data.path "
+            f"(sources that read files: {', '.join(takes)})"
+        )
+    bound = dict(options)
+    if parameter in bound and not _same_path(bound[parameter], path):
+        raise ConfigError(
+            f"data.source_options.{parameter}: {_jsonable(bound[parameter])!r} conflicts with "
+            f"data.path {os.fspath(path)!r}; set only one of them"
+        )
+    bound[parameter] = path
+    return bound
+
+
+def _same_path(a: Any, b: str | os.PathLike[str]) -> bool:
+    if not isinstance(a, (str, os.PathLike)):
+        return False
+    return os.path.normpath(os.fspath(a)) == os.path.normpath(os.fspath(b))
+
+
+def load_source(source: str, options: Mapping[str, Any] | None = None) -> ImageArrays:
+    """Run the registered loader `source` with `options`; unknown or missing options are a
+    ConfigError (see check_source_options)."""
+    check_source_options(source, options, complete=True)
+    return SOURCES.get(source)(**dict(options or {}))
 
 
 def _jsonable(value: Any) -> Any:

@@ -12,12 +12,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
-
 from debiaslab.diffusion.denoiser import Denoiser
 from debiaslab.diffusion.noise import SampleNoise
 from debiaslab.diffusion.schedules import karras_sigmas
 from debiaslab.errors import ConfigError
+from debiaslab.progress import progress as progress_bar
 from debiaslab.registry import Registry
 
 SamplerFn = Callable[..., Tensor]
@@ -25,7 +24,7 @@ SAMPLERS: Registry[SamplerFn] = Registry("sampler")
 
 COMMON_ARGS = ("denoiser", "seeds", "shape", "steps", "cond", "device", "progress")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
-CLIP_X0_RANGE = 1.0  # data lives in [-1, 1]
+CLIP_X0_RANGE = 1.0  # data lives in [-1, 1]; VP samplers clip x0_hat to it by default (clip_x0)
 EDM_SIGMA_MIN = 0.002  # Karras et al. 2022, Table 1 (VP/VE/EDM sampling defaults)
 EDM_SIGMA_MAX = 80.0
 EDM_RHO = 7.0
@@ -73,7 +72,7 @@ def _prepare(denoiser: Denoiser, seeds: Sequence[int], shape: Sequence[int],
 
 
 def _steps(n: int, progress: bool, name: str) -> Iterable[int]:
-    return tqdm(range(n), desc=name, disable=not progress, leave=False)
+    return progress_bar(range(n), desc=name, unit="step", disable=not progress, leave=False)
 
 
 def _timestep_batch(t: int, batch: int, device: torch.device) -> Tensor:
@@ -97,14 +96,15 @@ def ddpm(
     progress: bool = False,
     spacing: str = "leading",
     variance: str = "fixed_small",
-    clip_x0: bool = False,
+    clip_x0: bool = True,
 ) -> Tensor:
     """Ancestral sampling, Ho et al. 2020 Algorithm 2, on a respaced chain (Nichol & Dhariwal 2021,
     §4; guided-diffusion ``SpacedDiffusion``).
 
     Kept steps t_N > ... > t_1 with abar'_i = abar[t_i], abar'_0 = 1 and beta'_i = 1 -
     abar'_i/abar'_{i-1}. With x0_hat = (x_t - sqrt(1 - abar'_i) eps)/sqrt(abar'_i) (Tweedie; clipped
-    to [-1, 1] when ``clip_x0``), the posterior q(x_{i-1} | x_i, x0_hat) of Ho et al. Eq. 6-7:
+    to [-1, 1] when ``clip_x0``, the default, like guided-diffusion's clip_denoised=True and
+    diffusers' clip_sample=True), the posterior q(x_{i-1} | x_i, x0_hat) of Ho et al. Eq. 6-7:
       mu = sqrt(abar'_{i-1}) beta'_i/(1 - abar'_i) x0_hat
            + sqrt(1 - beta'_i)(1 - abar'_{i-1})/(1 - abar'_i) x_i,
       var = (1 - abar'_{i-1})/(1 - abar'_i) beta'_i ("fixed_small") or beta'_i ("fixed_large",
@@ -154,15 +154,16 @@ def ddim(
     progress: bool = False,
     eta: float = 0.0,
     spacing: str = "leading",
-    clip_x0: bool = False,
+    clip_x0: bool = True,
 ) -> Tensor:
     """DDIM, Song et al. 2021 Eq. 12 (ALGORITHMS.md §3.2), from t_N down to abar = 1:
       x0_hat = (x_t - sqrt(1 - abar_t) eps)/sqrt(abar_t),
       sigma_t = eta sqrt((1 - abar_t/abar_n)(1 - abar_n)/(1 - abar_t)),
       x_n = sqrt(abar_n) x0_hat + sqrt(1 - abar_n - sigma_t^2) eps + sigma_t z.
     eta = 0 is the deterministic sampler, eta = 1 the ancestral one. With eta > 0 one noise draw per
-    step, the last included (diffusers' order). ``clip_x0`` clips x0_hat and re-derives eps from it
-    (guided-diffusion's ``ddim_sample`` with clip_denoised).
+    step, the last included (diffusers' order). ``clip_x0`` (default) clips x0_hat to [-1, 1] and
+    re-derives eps from it (guided-diffusion's ``ddim_sample`` with clip_denoised; diffusers'
+    DDIMScheduler with clip_sample=True).
     """
     if not eta >= 0.0:
         raise ConfigError(f"ddim eta must be >= 0, got {eta}")
@@ -197,15 +198,24 @@ def dpmpp_2m(
     cond: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    clip_x0: bool = True,
 ) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++"), Algorithm 2 (data prediction,
     multistep), with diffusers' "midpoint" form and grid (``DPMSolverMultistepScheduler``).
 
-    Grid: t_i = round(linspace(0, T-1, N+1))[::-1][:-1], then sigma = 0. With lambda = log(alpha/
-    sigma), h_i = lambda_{i+1} - lambda_i, x0_i = Tweedie(x_i) and r_i = h_{i-1}/h_i:
+    Grid (diffusers' timestep_spacing="linspace", bit for bit): with step = fl((T-1)/N) in float64,
+      t_k = rint(k * step) for k = 0..N-1 (rint = round half to even), t_N = T-1, reversed and the
+      k = 0 point dropped: t_i = (t_N, ..., t_1); then sigma = 0.
+    i.e. np.linspace(0, T-1, N+1).round()[::-1][:-1] with numpy's rounded step, which breaks the
+    exact ties of round(k (T-1)/N) (N = 30, k = 15: 499.49999999999994 -> 499, not 500).
+    With lambda = log(alpha/sigma), h_i = lambda_{i+1} - lambda_i, x0_i = Tweedie(x_i) (clipped to
+    [-1, 1] when ``clip_x0``, the default) and r_i = h_{i-1}/h_i:
       D_i = x0_i + 1/(2 r_i) (x0_i - x0_{i-1})            (D_i = x0_i at the first step)
       x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i.
     The final step (to sigma = 0) is first order and returns x0_hat. Deterministic after x_T.
+    Clipping is the plain x0 clip of ALGORITHMS.md (guided-diffusion's clip_denoised) applied to the
+    data prediction the solver extrapolates; it equals diffusers' ``thresholding=True`` with
+    ``sample_max_value=1.0`` (the dynamic threshold s is clamped to [1, 1], so x0 -> clamp(x0)/1).
     """
     schedule = denoiser.schedule
     _check_steps(steps, schedule.num_timesteps - 1)
@@ -222,6 +232,8 @@ def dpmpp_2m(
         for i in _steps(len(ts), progress, "dpmpp_2m"):
             eps = denoiser(x, _timestep_batch(ts[i], len(x), dev), **cond)
             x0 = (x - float(sigma[i]) * eps) / float(alpha[i])
+            if clip_x0:
+                x0 = x0.clamp(-CLIP_X0_RANGE, CLIP_X0_RANGE)
             if float(sigma[i + 1]) == 0.0:  # first-order step to sigma = 0 is exactly x0_hat
                 x = x0
             else:
@@ -267,6 +279,8 @@ def edm_heun(
       correction x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat)(d_i + d'_i)/2, d'_i at x_{i+1}.
     x_N = sigma_max z; returns x at sigma = 0 (where VE and VP coincide). With S_churn > 0 one
     noise draw per step (NVlabs/edm's order).
+    No x0 clipping, like NVlabs/edm (TIW-DSM's sampler): this sampler has no ``clip_x0`` option, and
+    ``sampling.generate`` does not pass the config-level ``sample.clip_x0`` to it.
     """
     _check_steps(steps)
     if S_churn < 0 or S_noise < 0:

@@ -129,17 +129,30 @@ def leading_spacing(num_timesteps: int, num_steps: int) -> list[int]:
 
 @SPACINGS.register("trailing")
 def trailing_spacing(num_timesteps: int, num_steps: int) -> list[int]:
-    """Lin et al. 2024 ("Common diffusion noise schedules are flawed"): always includes T-1."""
-    step = num_timesteps / num_steps
-    return sorted({round(num_timesteps - i * step) - 1 for i in range(num_steps)})
+    """Lin et al. 2024 ("Common diffusion noise schedules are flawed"): always includes T-1.
+
+    diffusers' grid bit for bit: round(arange(T, 0, -T/N)) - 1 with numpy's arange arithmetic
+    (x_i = T + i (x_1 - x_0), x_1 = fl(T - T/N)) and round half to even. For some N (e.g. 61)
+    numpy's arange yields an (N+1)-th value ~1e-13 that diffusers turns into t = -1; we keep N.
+    """
+    delta = (num_timesteps - num_timesteps / num_steps) - num_timesteps  # numpy arange's fill
+    return [round(num_timesteps + i * delta) - 1 for i in reversed(range(num_steps))]
 
 
 @SPACINGS.register("linspace")
 def linspace_spacing(num_timesteps: int, num_steps: int) -> list[int]:
-    """round(linspace(0, T-1, N)): guided-diffusion's respacing ("N") and diffusers' linspace."""
+    """diffusers' "linspace" grid bit for bit: np.linspace(0, T-1, N).round(), i.e. round(i * step)
+    with step = fl((T-1)/(N-1)) in float64 (numpy's linspace arithmetic), the last point exactly
+    T-1, and round half to even. Not the exact rational round(i (T-1)/(N-1)): numpy's rounded
+    step breaks ties such as 15 * 999/30 = 499.5 (-> 499.49999999999994 -> 499, where the exact
+    tie would round to 500), which moves one timestep for ~9% of the step counts.
+    N = 1 gives [T-1] (diffusers' DDIM/DDPM would give [0], a useless one-step grid).
+    guided-diffusion's space_timesteps("N") accumulates the step instead (and gives [0] at N = 1),
+    so it agrees with this grid only for most N, not all."""
     if num_steps == 1:
         return [num_timesteps - 1]
-    return [round(i * (num_timesteps - 1) / (num_steps - 1)) for i in range(num_steps)]
+    step = (num_timesteps - 1) / (num_steps - 1)
+    return [round(i * step) for i in range(num_steps - 1)] + [num_timesteps - 1]
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,

@@ -411,12 +411,12 @@ class SampleMapper:
 
     def __init__(self, checkpoint: str, sampler: str, steps: int, labels_mode: str,
                  cfg_omega: float, options: dict[str, Any], use_ema: bool, device: str,
-                 generate_batch_size: int) -> None:
+                 generate_batch_size: int, clip_x0: bool | None = None) -> None:
         from debiaslab.sampling import load_trained
 
         self.trained = load_trained(checkpoint, use_ema=use_ema, device=device)
         self.sampler, self.steps, self.labels_mode = sampler, steps, labels_mode
-        self.cfg_omega, self.options = cfg_omega, options
+        self.cfg_omega, self.options, self.clip_x0 = cfg_omega, options, clip_x0
         self.generate_batch_size = generate_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -431,7 +431,7 @@ class SampleMapper:
             labels = None
         images = generate(self.trained, self.sampler, seeds, steps=self.steps, labels=labels,
                           cfg_omega=self.cfg_omega, batch_size=self.generate_batch_size,
-                          options=self.options)
+                          options=self.options, clip_x0=self.clip_x0)
         uint8 = ((images + 1) * PIXEL_HALF_RANGE).round().clamp(0, PIXEL_MAX).to(torch.uint8)
         n = len(seeds)
         return {"id": [f"seed{s:08d}" for s in seeds],
@@ -479,6 +479,7 @@ def sample_job(
     labels_mode: str = "balanced",
     cfg_omega: float = 0.0,
     options: dict[str, Any] | None = None,
+    clip_x0: bool | None = None,
     seeds_per_task: int = DEFAULT_SEEDS_PER_TASK,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
     use_ema: bool = True,
@@ -490,7 +491,8 @@ def sample_job(
 ) -> Path:
     """Generate one image per seed with actors that load `checkpoint` once, sharded by seed
     ranges; write a dataset folder (Parquet in the dataset SCHEMA + dataset.json, ids
-    ``seed%08d``) that ``ImageDataset.load`` reads. Images depend only on their seeds."""
+    ``seed%08d``) that ``ImageDataset.load`` reads. Images depend only on their seeds.
+    ``clip_x0``: cfg.sample.clip_x0, as in ``sampling.generate`` (None = the sampler's default)."""
     import ray.data
 
     from debiaslab.sampling import load_trained
@@ -502,7 +504,7 @@ def sample_job(
     mapper_kwargs = dict(checkpoint=str(Path(checkpoint).absolute()), sampler=sampler,
                          steps=steps, labels_mode=labels_mode, cfg_omega=cfg_omega,
                          options=dict(options or {}), use_ema=use_ema, device=device,
-                         generate_batch_size=seeds_per_task)
+                         generate_batch_size=seeds_per_task, clip_x0=clip_x0)
     name = Path(output_dir).name
     source = f"samples:{trained.checkpoint}"
     schema = SCHEMA.with_metadata({SCHEMA_METADATA_KEY: json.dumps({
@@ -514,7 +516,8 @@ def sample_job(
         manifest = _dataset_manifest(folder, parts, name, source, trained.class_names,
                                      trained.shape)
         manifest.extra.update({"sampler": sampler, "steps": steps, "labels": labels_mode,
-                               "cfg_omega": cfg_omega, "seeds": [seeds.start, seeds.stop]})
+                               "cfg_omega": cfg_omega, "seeds": [seeds.start, seeds.stop],
+                               "clip_x0": clip_x0})
         write_json(folder / MANIFEST_NAME, manifest.to_json())
         return {"sampler": sampler, "seeds": [seeds.start, seeds.stop]}
 

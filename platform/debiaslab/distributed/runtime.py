@@ -10,19 +10,57 @@ from typing import Any, Iterator
 from debiaslab.errors import ConfigError
 
 GIB = 1024**3
+LOOPBACK_IP = "127.0.0.1"
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no telemetry to outside servers
     "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps a local head on 127.0.0.1
-    "RAY_AUTH_MODE": "disabled",  # head and client must agree (DESIGN.md pitfalls)
+    # node IP 127.0.0.1 for a local head; Ray reads it once, when ray is first imported
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+# Only for the local Ray that init_ray starts: it listens on 127.0.0.1 only (see
+# _loopback_node_ip), so token auth would guard nothing another local user could not read anyway
+# (~/.ray/auth_token); the driver, head and workers all inherit it, so they agree (DESIGN.md
+# pitfalls). Clusters use RAY_AUTH_MODE=token (cluster/SECURITY.md): joining one, we set nothing.
+LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
 def ray_env() -> dict[str, str]:
-    """Environment variables every Ray process of ours gets (set before ray is imported)."""
+    """Environment variables every Ray process of ours gets (set before ray is imported; the
+    debiaslab.distributed package sets them when it is imported)."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     return {k: os.environ[k] for k in RAY_ENV_DEFAULTS}
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@contextlib.contextmanager
+def _loopback_node_ip() -> Iterator[None]:
+    """Make a new local node's IP 127.0.0.1 whatever the import order.
+
+    Ray 2.60 picks a new node's IP with ``services.get_node_ip_address()``, which returns the
+    host's outward address unless ``ray_constants.ENABLE_RAY_CLUSTER`` is false, a constant read
+    from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported; even ``_node_ip_address=
+    "127.0.0.1"`` is mapped back to the outward address through it. gcs_server, the raylet, the
+    driver and every worker then bind all interfaces unless that IP is exactly 127.0.0.1, and the
+    dashboard and runtime-env agents bind the IP itself. A script that imported ray before
+    debiaslab would so expose the local cluster: flip the constant for the start.
+    """
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
 
 
 def init_ray(address: str = "", *, object_store_memory_gb: float = 2.0,
@@ -38,15 +76,23 @@ def init_ray(address: str = "", *, object_store_memory_gb: float = 2.0,
         return ray
     address = address or os.environ.get("RAY_ADDRESS", "")  # set inside `ray job submit` jobs
     env = {"env_vars": dict(ray_env())}
+    if not address:
+        for key, value in LOCAL_RAY_ENV.items():
+            env["env_vars"][key] = os.environ.setdefault(key, value)
     if runtime_env:
         env.update({k: v for k, v in runtime_env.items() if k != "env_vars"})
         env["env_vars"].update(runtime_env.get("env_vars", {}))
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-    else:
+        return ray
+    with _loopback_node_ip():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  object_store_memory=int(object_store_memory_gb * GIB), runtime_env=env,
-                 _temp_dir=short_temp_dir(), log_to_driver=True)
+                 _temp_dir=short_temp_dir(), _node_ip_address=LOOPBACK_IP, log_to_driver=True)
+    node_ip = ray.util.get_node_ip_address()
+    if not _is_loopback(node_ip):  # a Ray whose internals changed: refuse to run exposed
+        ray.shutdown()
+        raise RuntimeError(f"local Ray came up on {node_ip}, not on loopback: refusing to run")
     return ray
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 
 from debiaslab.config import ExperimentConfig, absolute_paths, from_dict, to_dict
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
-from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
+from debiaslab.training.checkpoint import TRAINER_KEYS, latest_checkpoint, load_checkpoint
 
 RAY_RESULTS_DIR = "ray_results"
 CHECKPOINT_DIR_PREFIX = "checkpoint_"
@@ -111,8 +111,9 @@ def train_distributed(
 def _fit(cfg: ExperimentConfig, tracking_uri: str | None, mlflow_run_id: str | None,
          trainer_factory: TrainerFactory) -> DistributedTrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from debiaslab.distributed.torch_loopback import LoopbackTorchConfig
     from debiaslab.tracking import Tracker, resolve_tracking_uri
 
     cfg = absolute_paths(cfg)  # workers may run in another folder (or on another node)
@@ -127,7 +128,7 @@ def _fit(cfg: ExperimentConfig, tracking_uri: str | None, mlflow_run_id: str | N
             "cfg": to_dict(cfg), "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id,
             "trainer_factory": trainer_factory,
         },
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=LoopbackTorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=d.num_workers, use_gpu=use_gpu,
             resources_per_worker={"CPU": d.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
@@ -167,7 +168,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    staging = Path(tempfile.mkdtemp(prefix=f"debiaslab-{cfg.name}-r{rank}-"))
+    _remove_dead_staging(cfg.name)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{cfg.name}-p{os.getpid()}-"))
     tracker = None
     try:
         on_metrics = None
@@ -192,10 +194,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with restored.as_directory() as folder:
                 path = latest_checkpoint(folder)
                 if path is not None:
-                    trainer.load_state_dict(load_checkpoint(path, trainer.device), path)
+                    trainer.load_state_dict(load_checkpoint(path, trainer.device,
+                                                            required=TRAINER_KEYS), path)
         trainer.fit()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+STAGING_PREFIX = "debiaslab-"
+
+
+def _remove_dead_staging(name: str) -> None:
+    """Staging folders (checkpoints before Ray copies them) of workers killed with -9."""
+    from debiaslab.training.checkpoint import pid_alive
+
+    for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{name}-p*-*"):
+        pid = folder.name[len(f"{STAGING_PREFIX}{name}-p"):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _report(step: int, metrics: dict[str, float], saved: Path | None, staging: Path) -> None:

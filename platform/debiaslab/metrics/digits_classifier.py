@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from debiaslab.data.digits import DIGITS_SIZE, load_digits_arrays
 from debiaslab.data.schema import ImageArrays, one_line
@@ -26,6 +25,7 @@ from debiaslab.metrics.features import (
     FeatureExtractor,
     default_device,
 )
+from debiaslab.progress import progress as progress_bar
 from debiaslab.training.checkpoint import save_checkpoint
 
 RECIPE_VERSION = "digits-cnn-v1"  # bump whenever the architecture or training changes
@@ -177,8 +177,8 @@ def train_digits_classifier(arrays: ImageArrays, *, progress: bool = False
         schedule = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=MAX_LEARNING_RATE, total_steps=EPOCHS * steps_per_epoch)
         generator = torch.Generator().manual_seed(DIGITS_SEED)
-        bar = tqdm(range(EPOCHS), desc=f"train {NAME_PREFIX}", unit="epoch",
-                   disable=not progress, leave=False)
+        bar = progress_bar(range(EPOCHS), desc=f"train {NAME_PREFIX}", unit="epoch",
+                           disable=not progress, leave=False)
         for _ in bar:
             net.train()
             order = torch.randperm(len(train_idx), generator=generator)

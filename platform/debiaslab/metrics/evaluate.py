@@ -25,11 +25,14 @@ IS_SPLITS = 10  # Inception / classifier score splits (pytorch-fid, CBDM)
 
 @dataclass
 class SampleSet:
-    """Images to evaluate: uint8 [N, C, H, W] and, for class-conditional samples, their labels."""
+    """Images to evaluate: uint8 [N, C, H, W] and, for class-conditional samples, their labels.
+    With `class_names`, label i means class `class_names[i]` and is matched to the reference's
+    classes by name; without, labels are taken as reference class indices."""
 
     images: np.ndarray
     labels: np.ndarray | None
     source: str
+    class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if len(self.images) == 0:
@@ -69,7 +72,9 @@ def load_samples(path: str | Path, shape: tuple[int, int, int] | None = None) ->
     if (p / "dataset.json").is_file():
         ds = ImageDataset.load(p)
         labels = ds.labels.numpy()
-        return SampleSet(ds.images.numpy(), labels if (labels >= 0).all() else None, str(p))
+        if not (labels >= 0).all():
+            return SampleSet(ds.images.numpy(), None, str(p))
+        return SampleSet(ds.images.numpy(), labels, str(p), list(ds.class_names) or None)
     if p.is_file() and p.suffix == ".parquet":
         arrays = load_source("parquet", {"path": str(p)})
     elif p.is_dir():
@@ -80,7 +85,35 @@ def load_samples(path: str | Path, shape: tuple[int, int, int] | None = None) ->
     else:
         raise DataError(f"{p}: not a dataset folder, image folder or .parquet file")
     labels = np.asarray(arrays.labels)
-    return SampleSet(np.asarray(arrays.images), labels if (labels >= 0).all() else None, str(p))
+    if not (labels >= 0).all():
+        return SampleSet(np.asarray(arrays.images), None, str(p))
+    return SampleSet(np.asarray(arrays.images), labels, str(p), list(arrays.class_names) or None)
+
+
+def labels_in_reference(samples: SampleSet, reference_names: list[str],
+                        reference: str | Path) -> np.ndarray | None:
+    """The sample labels as indices into the reference's classes: matched by name when the
+    sample set names its classes (an image folder's sorted subfolders need not follow the
+    reference's order), else taken as they are. An unknown name is a one-line DataError."""
+    from debiaslab.data.schema import one_line
+
+    if samples.labels is None or not samples.class_names or not reference_names:
+        return samples.labels
+    names = [str(n) for n in samples.class_names]
+    labels = np.asarray(samples.labels)
+    if names == list(reference_names):
+        return labels
+    unknown = [n for n in names if n not in reference_names]
+    if unknown:
+        raise DataError(one_line(
+            f"{samples.source}: class name(s) {', '.join(map(repr, unknown))} are not classes of "
+            f"the reference {reference} ({', '.join(map(repr, reference_names))}); name the "
+            f"sample classes (e.g. image subfolders) after the reference's"))
+    if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
+        raise DataError(f"{samples.source}: labels must lie in [0, {len(names)}) for its "
+                        f"{len(names)} class names")
+    index = {name: i for i, name in enumerate(reference_names)}
+    return np.asarray([index[n] for n in names], dtype=np.int64)[labels]
 
 
 @dataclass
@@ -175,7 +208,8 @@ def evaluate(samples: SampleSet, reference_dir: str | Path, extractor: Any, *, k
     m.update(minority_summary(ref.features, fake, k=k, lof_k=lof_k))
 
     result = Evaluation(metrics=m)
-    labels = samples.labels if samples.labels is not None else ext.classes
+    sample_labels = labels_in_reference(samples, ref.class_names, reference_dir)
+    labels = sample_labels if sample_labels is not None else ext.classes
     label_source = "conditioning labels" if samples.labels is not None else "extractor predictions"
     num_classes = len(ref.class_names)
     if labels is not None and num_classes > 1:
@@ -190,8 +224,8 @@ def evaluate(samples: SampleSet, reference_dir: str | Path, extractor: Any, *, k
         m["fd_class"] = fairness_discrepancy(ext.classes, nc)
         dist = attribute_distribution(ext.classes, nc)
         result.distributions["class"] = dict(zip(extractor.class_names, map(float, dist)))
-        if samples.labels is not None:
-            m["label_accuracy"] = float((ext.classes == samples.labels).mean())
+        if sample_labels is not None:
+            m["label_accuracy"] = float((ext.classes == sample_labels).mean())
     if ext.attributes is not None and extractor.attr_names:
         for j, name in enumerate(extractor.attr_names):
             m[f"fd_{name}"] = fairness_discrepancy(ext.attributes[:, j].astype(np.int64), 2)

@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from debiaslab.data.schema import one_line
 from debiaslab.errors import ConfigError, DataError
+from debiaslab.progress import progress as progress_bar
 from debiaslab.registry import Registry
 
 PIXEL_MAX = 255
@@ -147,8 +147,8 @@ class FeatureExtractor:
         self._check_values(images)
         n = images.shape[0]
         outputs: dict[str, list[np.ndarray]] = {}
-        with torch.no_grad(), tqdm(total=n, desc=self.name, unit="img", disable=not progress,
-                                   leave=False) as bar:
+        with torch.no_grad(), progress_bar(total=n, desc=self.name, unit="img",
+                                           disable=not progress, leave=False) as bar:
             for start in range(0, n, batch_size):
                 chunk = images[start:start + batch_size]
                 if isinstance(chunk, np.ndarray):  # read-only arrays (Ray batches) are copied

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -9,9 +10,15 @@ from typing import Any
 
 import torch
 
-from debiaslab.errors import CheckpointError
+from debiaslab.errors import CheckpointError, describe_error
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d{8})\.pt$")
+TEMP_PATTERN = re.compile(r"^\.ckpt_\d{8}\.pt\.tmp-(\d+)$")
+MINIMAL_KEYS = ("model", "step")
+TRAINER_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "config", "rng", "data")
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+UNSUPPORTED_GLOBAL = re.compile(r"(?i)unsupported\s+global:?\s+(?:GLOBAL\s+)?([\w.]+)")
+WEIGHTS_ONLY_REASON = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
 
 def checkpoint_name(step: int) -> str:
@@ -23,18 +30,49 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()  # serialize first: a failing write then raises the OS's own error
+    torch.save(state, buffer)  # (ENOSPC, EROFS...) instead of torch's "unexpected pos"
     try:
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            fh.write(buffer.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_orphan_temps(directory: str | Path) -> list[Path]:
+    """Delete the temp files (``.ckpt_*.pt.tmp-PID``) that writers killed mid-write left
+    behind; a temp file of a live process is kept."""
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        m = TEMP_PATTERN.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    required: tuple[str, ...] = MINIMAL_KEYS) -> dict[str, Any]:
     """Load a checkpoint safely (no pickled code); a missing or corrupt file is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
@@ -42,11 +80,29 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first[:200]})") from None
-    if not isinstance(state, dict) or "model" not in state or "step" not in state:
-        raise CheckpointError(f"{path}: not a debiaslab checkpoint (missing 'model' or 'step')")
+        raise CheckpointError(f"{path}: not a readable checkpoint ({load_failure_reason(exc)})"
+                              ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a debiaslab checkpoint (holds "
+                              f"{type(state).__name__}, not a dict)")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a debiaslab checkpoint (missing "
+                              f"{', '.join(map(repr, missing))})")
     return state
+
+
+def load_failure_reason(exc: BaseException) -> str:
+    """Why torch.load refused a file, in one line: the weights-only unpickler's reason (e.g.
+    "Unsupported global: GLOBAL os.system") rather than its generic first line."""
+    text = ANSI_CODES.sub("", str(exc))
+    match = UNSUPPORTED_GLOBAL.search(text)
+    if match:
+        return f"unsupported global: {match.group(1)}; the file holds code, not only tensors"
+    match = WEIGHTS_ONLY_REASON.search(text)
+    if match:
+        return match.group(1).strip().rstrip(".")[:200]
+    return describe_error(exc, 200)
 
 
 def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from debiaslab.config import ExperimentConfig, to_dict
 from debiaslab.diffusion.losses import DiffusionLoss, build_loss
-from debiaslab.errors import CheckpointError, TrainingDiverged
+from debiaslab.errors import CheckpointError, ConfigError, TrainingDiverged, describe_error
 from debiaslab.training.checkpoint import (
-    checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
+    TRAINER_KEYS, checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
+    save_checkpoint,
 )
 
 MetricsFn = Callable[[int, dict[str, float]], None]
@@ -37,7 +38,21 @@ def select_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {name!r}; allowed: auto, cpu, cuda, "
+                          f"cuda:N, mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={name}: torch sees no CUDA GPU on this machine; "
+                              f"use train.device=auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device={name}: only {torch.cuda.device_count()} GPU(s) "
+                              f"visible; use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name}: MPS is not available here; use auto or cpu")
+    return device
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -169,6 +184,7 @@ class Trainer:
         self.train_model = prepare_model(self.model) if prepare_model else self.model
         self._params = list(self.model.parameters())
         self.step = 0
+        self.resume_changes: dict[str, tuple] = {}  # allowed config changes found on resume
         self.conditional = self.net_is_conditional()
         self.loss_fn.setup(torch.tensor(self.dataset.class_counts(), dtype=torch.long),
                            self.num_classes if self.conditional else None)
@@ -199,24 +215,39 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        saved_model = state.get("config", {}).get("model", {})
-        current = to_dict(self.cfg)["model"]
-        diff = [k for k in current if saved_model.get(k, current[k]) != current[k]]
-        if diff:
-            k = diff[0]
-            raise CheckpointError(
-                f"{source}: trained with model.{k}={saved_model[k]!r}, config has {current[k]!r}; "
-                f"use a new experiment name or output_dir"
-            )
+        """Resume from ``state``; refuses (CheckpointError) a config or dataset that would change
+        what the run means (training.resume)."""
+        from debiaslab.training.resume import check_resume
+
+        self.resume_changes = check_resume(self.cfg, state, source,
+                                           str(self.dataset.content_hash))
         self._check_model_config(state, source)
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step = int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            torch.set_rng_state(state["rng"]["torch"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            reason = describe_error(exc, lines=2)
+            raise CheckpointError(f"{source}: does not fit this model ({reason}); use a new "
+                                  f"name or output_dir") from None
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if self.resume_changes:  # allowed changes (train.resume_allow) apply from here on
+            self._apply_optimizer_config()
+
+    def _apply_optimizer_config(self) -> None:
+        """Set lr, warm-up and weight decay from the config on a restored optimizer/schedule."""
+        t = self.cfg.train
+        groups = self.optimizer.param_groups
+        self.scheduler.base_lrs = [t.lr] * len(groups)
+        self.scheduler.lr_lambdas = [warmup_lambda(t.warmup_steps)] * len(groups)
+        for group, lam in zip(groups, self.scheduler.lr_lambdas):
+            group["initial_lr"] = t.lr
+            group["lr"] = t.lr * lam(self.scheduler.last_epoch)
+            group["weight_decay"] = t.weight_decay
 
     def _check_model_config(self, state: dict[str, Any], source: Path) -> None:
         saved = state.get("data", {})
@@ -234,13 +265,13 @@ class Trainer:
         source = resolve_checkpoint(path)
         state = load_checkpoint(source, map_location=self.device)
         self._check_model_config(state, source)
-        weights = state["ema"]["shadow"] if self.cfg.train.init_weights == "ema" else state["model"]
         try:
+            weights = (state["ema"]["shadow"] if self.cfg.train.init_weights == "ema"
+                       else state["model"])
             self.model.load_state_dict(weights)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "mismatch"
+        except (KeyError, RuntimeError, TypeError) as exc:
             raise CheckpointError(f"{source}: weights do not fit this model.* / data.augment "
-                                  f"config ({first})") from None
+                                  f"config ({describe_error(exc, lines=2)})") from None
         self.ema.shadow.load_state_dict(weights)
         return source
 
@@ -248,7 +279,8 @@ class Trainer:
         """Continue from the newest checkpoint in ``run_dir/checkpoints`` if there is one."""
         latest = latest_checkpoint(self.ckpt_dir)
         if latest is not None:
-            self.load_state_dict(load_checkpoint(latest, map_location=self.device), latest)
+            self.load_state_dict(load_checkpoint(latest, map_location=self.device,
+                                                 required=TRAINER_KEYS), latest)
         return latest
 
     def save(self) -> Path:
@@ -332,10 +364,10 @@ class Trainer:
         if not self.progress:
             yield from range(self.step, total)
             return
-        from tqdm.auto import tqdm
+        from debiaslab.progress import progress
 
-        with tqdm(total=total, initial=self.step, desc=f"train {self.cfg.name}",
-                  unit="step", dynamic_ncols=True) as bar:
+        with progress(total=total, initial=self.step, desc=f"train {self.cfg.name}",
+                      unit="step", dynamic_ncols=True) as bar:
             for s in range(self.step, total):
                 yield s
                 bar.update(1)

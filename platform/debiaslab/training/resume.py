@@ -1,0 +1,94 @@
+"""What resume may and may not change: a resumed run must mean the same as the run it continues.
+
+A checkpoint carries its config and the content hash of the data it trained on. Resuming compares
+them with the current config: keys that only steer bookkeeping (``RESUME_IGNORED``: how long,
+how often to log or checkpoint, where files go, sampling and evaluation) may differ freely; keys
+listed in ``train.resume_allow`` (a subset of ``RESUME_ADJUSTABLE``) may differ and are reported;
+any other difference, a different dataset, or ``train.steps`` below the checkpoint's step is a
+one-line :class:`CheckpointError` that lists the keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from debiaslab.config import (
+    RESUME_ADJUSTABLE, RESUME_COMPARED_DATA, RESUME_IGNORED, ExperimentConfig, to_dict,
+)
+from debiaslab.errors import CheckpointError
+
+WORLD_SIZE_KEY = "distributed.num_workers"
+MAX_KEYS_SHOWN = 8
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and name not in ("diffusion.weighting_params",):
+            out.update(_flat(value, f"{name}."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _compared(key: str) -> bool:
+    if key in RESUME_COMPARED_DATA or key == WORLD_SIZE_KEY:
+        return True
+    return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_IGNORED)
+
+
+def _world_size(flat: dict[str, Any]) -> int:
+    """Workers that split the global batch: Ray Train's workers, or one local process."""
+    if flat.get("distributed.backend", "local") != "ray":
+        return 1
+    return int(flat.get(WORLD_SIZE_KEY, 1))
+
+
+def config_differences(saved: dict[str, Any], current: ExperimentConfig) -> dict[str, tuple]:
+    """{key: (checkpoint value, current value)} for every compared key that differs."""
+    old, new = _flat(saved), _flat(to_dict(current))
+    old[WORLD_SIZE_KEY], new[WORLD_SIZE_KEY] = _world_size(old), _world_size(new)
+    defaults = _flat(to_dict(ExperimentConfig()))
+    diffs = {}
+    for key in sorted(set(old) | set(new)):
+        if not _compared(key):
+            continue
+        # a key the checkpoint predates had its default value then
+        before = old.get(key, defaults.get(key))
+        after = new.get(key, defaults.get(key))
+        if before != after:
+            diffs[key] = (before, after)
+    return diffs
+
+
+def check_resume(cfg: ExperimentConfig, state: dict[str, Any], source: Path,
+                 dataset_hash: str | None = None) -> dict[str, tuple]:
+    """Refuse a resume that would change what the run means; return the allowed changes."""
+    step = int(state.get("step", 0))
+    if cfg.train.steps < step:
+        raise CheckpointError(
+            f"{source}: the run is already at step {step}, above train.steps={cfg.train.steps}; "
+            f"raise train.steps to continue, or use a new name to start over")
+    saved_hash = state.get("data", {}).get("content_hash")
+    if dataset_hash is not None and saved_hash and saved_hash != dataset_hash:
+        raise CheckpointError(
+            f"{source}: trained on dataset {saved_hash[:12]}, the configured data is "
+            f"{dataset_hash[:12]}; use a new name or output_dir to train on other data")
+    diffs = config_differences(state.get("config", {}), cfg)
+    refused = {k: v for k, v in diffs.items() if k not in cfg.train.resume_allow}
+    if refused:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in
+                          list(refused.items())[:MAX_KEYS_SHOWN])
+        more = f" (+{len(refused) - MAX_KEYS_SHOWN} more)" if len(refused) > MAX_KEYS_SHOWN else ""
+        adjustable = [k for k in refused if k in RESUME_ADJUSTABLE]
+        hint = (f"list {', '.join(adjustable)} in train.resume_allow to accept" if adjustable
+                and len(adjustable) == len(refused) else "use a new name or output_dir")
+        raise CheckpointError(f"{source}: config differs from the checkpoint's in {shown}{more}; "
+                              f"{hint}")
+    return diffs
+
+
+def describe_changes(diffs: dict[str, tuple]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
