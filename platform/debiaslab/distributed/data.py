@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -275,6 +276,10 @@ def run_map_job(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     ctx = dataset.context  # the dataset's own copy: settings do not leak into other jobs
+    # Ray Data's bars redraw with carriage returns: only on a terminal, not in job logs
+    from debiaslab.progress import is_interactive
+
+    progress = progress and is_interactive(sys.stderr)
     ctx.enable_progress_bars = progress
     ctx.enable_operator_progress_bars = progress
     # A batch whose mapper raises is re-run in the same actor (blocks already produced by the

@@ -17,10 +17,11 @@ RAY_ENV_DEFAULTS = {
     # node IP 127.0.0.1 for a local head; Ray reads it once, when ray is first imported
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
-# Only for the local Ray that init_ray starts: it listens on 127.0.0.1 only (see
-# _loopback_node_ip), so token auth would guard nothing another local user could not read anyway
-# (~/.ray/auth_token); the driver, head and workers all inherit it, so they agree (DESIGN.md
-# pitfalls). Clusters use RAY_AUTH_MODE=token (cluster/SECURITY.md): joining one, we set nothing.
+# Only for the local Ray that init_ray starts, and only if RAY_AUTH_MODE is unset: it listens on
+# 127.0.0.1 only (see _loopback_node_ip), so nothing off the machine reaches it; the driver, head
+# and workers all inherit the value, so they agree (DESIGN.md pitfalls). On a multi-user host
+# other local users could still connect: export RAY_AUTH_MODE=token there (cluster/SECURITY.md).
+# Clusters use RAY_AUTH_MODE=token (cluster/SECURITY.md): joining one, we set nothing.
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
