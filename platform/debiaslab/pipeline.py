@@ -63,8 +63,9 @@ def data_recipe(d: Any) -> dict[str, Any]:
     """Everything that defines a built dataset (as its manifest records it under build)."""
     from debiaslab.data.sources import bind_source_path
 
-    options = bind_source_path(d.source, dict(d.source_options), d.path) if d.path else \
-        dict(d.source_options)
+    options = dict(d.source_options)
+    if d.path:
+        options = bind_source_path(d.source, options, d.path)
     return {"source": d.source, "source_options": options, "imbalance": d.imbalance,
             "imb_factor": d.imb_factor, "bias_attribute": d.bias_attribute or None,
             "bias_ratio": d.bias_ratio, "reference_fraction": d.reference_fraction,

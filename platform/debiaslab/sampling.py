@@ -13,8 +13,7 @@ from debiaslab.config import ExperimentConfig, from_dict
 from debiaslab.diffusion.denoiser import Denoiser
 from debiaslab.diffusion.guidance import ClassifierFreeGuidance
 from debiaslab.diffusion.losses import build_loss
-from debiaslab.diffusion.samplers import sample as run_sampler
-from debiaslab.diffusion.samplers import sampler_options
+from debiaslab.diffusion.samplers import sample as run_sampler, sampler_options
 from debiaslab.errors import CheckpointError, ConfigError, describe_error
 from debiaslab.training.checkpoint import load_checkpoint, resolve_checkpoint
 from debiaslab.training.loop import build_net, select_device

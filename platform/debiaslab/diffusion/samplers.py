@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
 from debiaslab.diffusion.denoiser import Denoiser
 from debiaslab.diffusion.noise import SampleNoise
 from debiaslab.diffusion.schedules import karras_sigmas
