@@ -71,7 +71,7 @@ def write_sweep(root: Path, experiment: Path, name: str, **fields) -> Path:
              "objective": {"metric": "eval/fid", "mode": "min"}, "num_trials": 4,
              "cpus_per_trial": 1.0}
     sweep.update(fields)
-    path = root / f"{name}.yaml"
+    path = root / f"{name.replace('/', '_')}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
 
@@ -117,12 +117,16 @@ def children(cfg, sweep_name: str) -> list:
     ({"objective": {"metric": "eval/fidd", "mode": "min"}},
      "objective metric 'eval/fidd' is not reported by any trial; trials report: "),
     ({"checkpoint": "/nonexistent/run"}, "checkpoint: no trained checkpoint at /nonexistent/run"),
+    ({"sweep_name": "../escape"}, "name: '../escape' is not a plain name"),
+    ({"params": {"sample.cfg_omega": {"type": "float", "low": 0.0, "high": float("inf")}}},
+     "params.sample.cfg_omega.high: must be a finite number"),
 ])
 def test_bad_sweeps_fail_in_one_line_before_any_trial(base, tmp_path, change, message):
     import ray
 
     root, experiment, _ = base
-    path = write_sweep(tmp_path, experiment, "bad", **change)
+    name = change.pop("sweep_name", "bad")
+    path = write_sweep(tmp_path, experiment, name, **change)
     with pytest.raises(ConfigError) as info:
         run_sweep(path)
     assert message in str(info.value) and "\n" not in str(info.value)

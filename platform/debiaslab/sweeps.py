@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from debiaslab.config import (
-    ExperimentConfig, _from_dict, apply_overrides, from_dict, load_config, load_yaml, validate,
+    ExperimentConfig, _from_dict, check_name, apply_overrides, from_dict, load_config, load_yaml, validate,
 )
 from debiaslab.errors import ConfigError
 
@@ -171,6 +171,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     raw = apply_overrides(load_yaml(sweep_file), overrides or [])
     sweep = _from_dict(SweepConfig, {k: v for k, v in raw.items()
                                      if k not in ("specs", "base", "base_raw")})
+    check_name("name", sweep.name)  # the sweep's folder and its trials' run names
     if not sweep.experiment:
         raise ConfigError(f"{sweep_file}: experiment: name the base experiment YAML")
     base_path = _resolve(sweep.experiment, sweep_file)
