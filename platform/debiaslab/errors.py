@@ -1,5 +1,7 @@
 """User-facing errors: each renders as one line naming the file, field or value at fault."""
 
+import re
+
 
 class DebiaslabError(Exception):
     """Base class for errors that the CLI prints as a single line (no traceback)."""
@@ -29,18 +31,13 @@ class RunLocked(DebiaslabError):
     """Another live process is writing the same run folder."""
 
 
-_ANSI = None
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes in library messages
 
 
 def describe_error(exc: BaseException, limit: int = 300, lines: int = 1) -> str:
     """The first ``lines`` lines of an exception's message joined by '; ', without terminal
     colour codes, shortened to ``limit`` characters."""
-    global _ANSI
-    if _ANSI is None:
-        import re
-
-        _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-    text = _ANSI.sub("", str(exc)).strip()
+    text = ANSI_CODES.sub("", str(exc)).strip()
     found = [ln.strip() for ln in text.splitlines() if ln.strip()]
     first = "; ".join(found[:lines]) if found else type(exc).__name__
     return first[:limit]

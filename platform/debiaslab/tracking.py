@@ -5,6 +5,7 @@ The only module outside `distributed/` that imports mlflow, and only lazily (ins
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,7 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -256,28 +257,21 @@ def make_client(tracking_uri: str) -> Any:
     return _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
 
 
-class store_errors:  # noqa: N801 - used as a context manager
+@contextlib.contextmanager
+def store_errors(tracking_uri: str) -> Iterator[None]:
     """Turn the tracking store's refusals (MLflow, SQLAlchemy, HTTP) into one-line
-    `TrackingError`s naming the store; our own errors and OS errors pass through."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        self.tracking_uri = tracking_uri
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or not isinstance(exc, Exception):
-            return False
-        if isinstance(exc, (DebiaslabError, OSError)):
-            return False
+    `TrackingError`s naming the store; our own errors, OS errors and bugs pass through."""
+    try:
+        yield
+    except (DebiaslabError, OSError):
+        raise
+    except Exception as exc:
         module = type(exc).__module__.split(".", 1)[0]
-        if module in ("mlflow", "sqlalchemy", "requests", "urllib3", "alembic", "sqlite3"):
-            from debiaslab.errors import describe_error
+        if module not in ("mlflow", "sqlalchemy", "requests", "urllib3", "alembic", "sqlite3"):
+            raise
+        from debiaslab.errors import describe_error
 
-            raise TrackingError(f"MLflow store {self.tracking_uri}: {describe_error(exc)}"
-                                ) from None
-        return False
+        raise TrackingError(f"MLflow store {tracking_uri}: {describe_error(exc)}") from None
 
 
 def end_dead_runs(client: Any, experiment_id: str, run_name: str) -> list[str]:

@@ -10,13 +10,12 @@ from typing import Any
 
 import torch
 
-from debiaslab.errors import CheckpointError, describe_error
+from debiaslab.errors import ANSI_CODES, CheckpointError, describe_error
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d{8})\.pt$")
 TEMP_PATTERN = re.compile(r"^\.ckpt_\d{8}\.pt\.tmp-(\d+)$")
 MINIMAL_KEYS = ("model", "step")
 TRAINER_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "config", "rng", "data")
-ANSI_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 UNSUPPORTED_GLOBAL = re.compile(r"(?i)unsupported\s+global:?\s+(?:GLOBAL\s+)?([\w.]+)")
 WEIGHTS_ONLY_REASON = re.compile(r"WeightsUnpickler error:\s*([^\n]+)")
 
