@@ -31,3 +31,14 @@ def digits_lt(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "digits-lt"
     build_dataset("digits", out, imbalance="long_tail", imb_factor=0.1, seed=0)
     return ImageDataset.load(out)
+
+
+def recipe_runs(client, experiment: str):
+    """(parent run, {stage: child run}) of the one recipe run in an MLflow experiment."""
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    children = {r.data.tags["debiaslab.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    return parents[0], children

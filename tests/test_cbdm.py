@@ -213,7 +213,7 @@ def test_cbdm_ddp_on_ray_train_equals_one_process(tmp_path, digits_lt, monkeypat
     build_data(single)
     one = Trainer(single, ImageDataset.load(single.dataset_path), single.run_dir,
                   progress=False).fit()
-    ddp = tiny_cfg(tmp_path / "ddp", *common, "train.batch_size=8", "distributed.backend=ray",
+    ddp = tiny_cfg(tmp_path / "ddp", *common, "distributed.backend=ray",
                    "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
                    f"data.dataset_dir={single.dataset_path}")
     init_ray(num_cpus=2, object_store_memory_gb=1.0)

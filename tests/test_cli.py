@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import recipe_runs
 
 from debiaslab.cli import build_parser, main
 
@@ -71,16 +72,29 @@ def test_run_end_to_end_records_mlflow(tmp_path, capsys):
     assert (run_dir / "samples" / "ddim" / "dataset.json").is_file()
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("e2e")
-    (run,) = client.search_runs([exp.experiment_id])
+    runs = client.search_runs([exp.experiment_id])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]  # the parent
+    children = {r.data.tags["debiaslab.stage"]: r for r in runs if r is not run}
+    assert set(children) == {"data", "train", "sample", "evaluate"}
+    assert all(c.data.tags["mlflow.parentRunId"] == run.info.run_id for c in children.values())
+    assert all(c.info.status == "FINISHED" for c in children.values())
     assert run.info.status == "FINISHED"
     assert run.data.params["train.steps"] == "12"
     assert run.data.params["diffusion.weighting"] == "constant"
-    assert "train/loss" in run.data.metrics
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [4, 8, 12]
-    assert run.data.tags["dataset.train.hash"]
+    assert run.data.tags["debiaslab.method"] == "diffusion"  # the recipe, not the loss
+    train = children["train"]
+    assert train.data.params["stage.train.steps"] == "12"
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")] == [4, 8, 12]
+    assert children["data"].data.tags["dataset.train.hash"]
     assert "debiaslab.git_commit" in run.data.tags
-    arts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    arts = {a.path for a in client.list_artifacts(children["sample"].info.run_id, "samples")}
     assert {"samples/grid_ddim.png", "samples/grid_dpmpp_2m.png"} <= arts
+    # a second run finds every stage up to date and says so
+    assert main(argv) == 0
+    assert capsys.readouterr().out.count("up to date") == 4
+    (second,) = [r for r in client.search_runs([exp.experiment_id])
+                 if "mlflow.parentRunId" not in r.data.tags and r.info.run_id != run.info.run_id]
+    assert second.data.tags["debiaslab.skipped_stages"] == "data,train,sample,evaluate"
     # sample again from the finished run through the CLI
     assert main(["sample", "-c", str(run_dir / "config.yaml"), "--out", str(tmp_path / "s2"),
                  "--set", "sample.samplers=[ddpm]"]) == 0
@@ -117,7 +131,8 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
     assert (tmp_path / "comparison.png").stat().st_size > 0
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("quickstart")
-    runs = client.search_runs([exp.experiment_id])
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.data.params["diffusion.weighting"] for r in runs) == ["constant", "debias"]
     assert all(r.info.status == "FINISHED" for r in runs)
 
@@ -144,8 +159,8 @@ def test_sigterm_during_training_ends_run_killed(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Traceback" not in err and "terminated by signal 15" in err
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("sigterm").experiment_id])
-    assert run.info.status == "KILLED"
+    run, children = recipe_runs(client, "sigterm")
+    assert run.info.status == "KILLED" and children["train"].info.status == "KILLED"
     from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(ckpts))["step"] % 3 == 0

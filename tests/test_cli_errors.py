@@ -41,7 +41,7 @@ def one_line_error(capsys, argv, *needles):
 
 
 @pytest.mark.parametrize("override, needles", [
-    ("sample.cfg_omega=.nan", ["sample.cfg_omega", "finite"]),
+    ("sample.guidance=[{type: cfg, omega: .nan}]", ["sample.guidance[0].omega", "finite"]),
     ("train.lr=.inf", ["train.lr", "finite"]),
     ("train.lr=-.inf", ["train.lr", "finite"]),
     ("data.imb_factor=nan", ["data.imb_factor", "finite"]),

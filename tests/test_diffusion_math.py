@@ -1,4 +1,4 @@
-"""Schedules, prediction-target conversions and the weighting identities of ALGORITHMS.md §5.2."""
+"""Schedules, prediction-target conversions and the weighting identities of docs/algorithms.md §5.2."""
 
 import math
 
@@ -33,7 +33,7 @@ def test_linear_schedule_matches_ho_et_al(linear):
     assert torch.allclose(linear.alphas_cumprod, torch.cumprod(1 - betas, 0))
     assert torch.allclose(linear.betas, betas)
     snr = linear.snr(torch.arange(1000))
-    # ALGORITHMS §5.2: SNR ranges ~4e-5 .. 9999 for this schedule
+    # docs/algorithms.md §5.2: SNR ranges ~4e-5 .. 9999 for this schedule
     assert 3.5e-5 < snr[-1] < 4.5e-5 and 9998 < snr[0] < 10000
 
 
@@ -105,7 +105,7 @@ def test_target_conversions_are_exact(linear):
     ("debias", {}), ("edm", {"sigma_data": 0.5}),
 ])
 def test_weighting_identities_hold_for_every_target(linear, weighting, params):
-    """lambda_eps ||eps - eps^||^2 == lambda_y ||y - y^||^2 for y in {x0, v} (ALGORITHMS §5.2)."""
+    """lambda_eps ||eps - eps^||^2 == lambda_y ||y - y^||^2 for y in {x0, v} (docs/algorithms.md §5.2)."""
     x0, eps, t, a, s, x_t = _random_state(linear)
     eps_hat = eps + 0.3 * torch.randn_like(eps)  # any prediction, expressed in every target
     x0_hat = TARGETS.get("eps").to_x0(eps_hat, x_t, a, s)

@@ -1,5 +1,7 @@
 """Ray Data jobs on a local Ray: feature extraction equals the single-process extractor, re-runs
-replace their output, failed batches are retried, sampled images depend only on their seeds."""
+replace their output, failed batches are retried, sampled images depend only on their seeds,
+map outputs (N-D tensor columns too) are sorted and byte-identical for any layout, and a map job
+writes a side table."""
 
 import os
 import sys
@@ -13,7 +15,8 @@ import torch
 
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
-from debiaslab.data.schema import encode_png, read_manifest
+from debiaslab.data.schema import encode_png, read_manifest, tensor_field
+from debiaslab.data.side_tables import join, list_side_tables, read_side_table
 from debiaslab.data.sources import build_dataset
 from debiaslab.distributed import data as dd
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
@@ -31,6 +34,10 @@ SAMPLE_STEPS = 4
 FLAKY_ID = "digits-0700"  # the batch holding this row raises once
 ID_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
                        pa.field("label", pa.int64(), nullable=False)])
+H_SHAPE = (3, 2, 2)
+TENSOR_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
+                           tensor_field("h", H_SHAPE, "float16"),
+                           pa.field("brightness", pa.float32(), nullable=False)])
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +146,7 @@ def _png_column(folder: Path) -> tuple[list[str], list[bytes], list[int]]:
 
 
 def test_sample_job_images_depend_only_on_seeds(ray_cluster, tiny_checkpoint, tmp_path):
-    common = dict(steps=SAMPLE_STEPS, labels_mode="balanced", cfg_omega=0.0, options={},
+    common = dict(steps=SAMPLE_STEPS, labels_mode="balanced", guidance=[], options={},
                   progress=False)
     one = dd.sample_job(tiny_checkpoint, "ddim", SAMPLE_SEEDS, tmp_path / "one",
                         concurrency=1, seeds_per_task=len(SAMPLE_SEEDS), **common)
@@ -167,3 +174,94 @@ def test_extract_command_writes_features(ray_cluster, digits_dir, tmp_path, caps
     assert code == 0 and f"features: {out}" in capsys.readouterr().out
     ids, features, _, _ = dd.read_features(out)
     assert len(ids) == read_manifest(digits_dir).num_rows and features.shape[1] > 0
+
+
+def tensor_columns(pixels: np.ndarray) -> dict[str, np.ndarray]:
+    """A [N, 3, 2, 2] float16 and a [N] float32 column computed exactly from uint8 pixels."""
+    x = pixels.astype(np.float32) / 255
+    return {"h": x[:, 0, :3, :4].reshape(len(x), *H_SHAPE).astype(np.float16),
+            "brightness": pixels.astype(np.int64).sum(axis=(1, 2, 3)).astype(np.float32) / 255}
+
+
+class TensorMapper:
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"id": batch["id"], **tensor_columns(batch[dd.PIXELS])}
+
+
+def _bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+def test_tensor_map_job_reads_back_exactly_and_is_byte_identical_for_any_layout(
+        ray_cluster, digits_dir, tmp_path):
+    ref = ImageDataset.load(digits_dir)
+    expected = tensor_columns(ref.images.numpy())
+    runs = {"c1": dict(concurrency=1, batch_size=256),
+            "c2": dict(concurrency=2, batch_size=64, rows_per_block=97)}
+    outputs = {}
+    for key, options in runs.items():
+        out = dd.run_map_job(dd.read_images(digits_dir, columns=["id", "image"], decode=True),
+                             TensorMapper, {}, tmp_path / key, TENSOR_SCHEMA, progress=False,
+                             rows_per_file=500, **options)
+        outputs[key] = _bytes(out)
+    assert len(outputs["c1"]) == 4  # 1797 rows in files of 500
+    assert outputs["c1"] == outputs["c2"]
+
+    got = dd.read_map_output(tmp_path / "c1")
+    assert list(got["id"]) == sorted(ref.ids) == ref.ids
+    assert got["h"].dtype == np.float16 and got["h"].shape == (len(ref), *H_SHAPE)
+    assert got["brightness"].dtype == np.float32
+    np.testing.assert_array_equal(got["h"], expected["h"])
+    np.testing.assert_array_equal(got["brightness"], expected["brightness"])
+    field = pq.read_schema(tmp_path / "c1" / dd.PART_TEMPLATE.format(0)).field("h")
+    assert field.metadata[b"shape"] == b"[3, 2, 2]" and field.metadata[b"dtype"] == b"float16"
+
+
+def test_normalize_parts_is_an_external_sort_independent_of_layout(tmp_path):
+    """Many task files, tiny sort / merge buffers and fan-in 3 (several merge passes) give the
+    same bytes as one task file; the output is sorted by id and no run files are left."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    ids = np.asarray([f"r{i:05d}" for i in range(n)], dtype=object)
+    pixels = rng.integers(0, 256, (n, 1, 4, 4), dtype=np.uint8)
+    table = dd.to_arrow({"id": ids, **tensor_columns(pixels)}, TENSOR_SCHEMA)
+
+    def normalize(folder: Path, num_tasks: int, **buffers: int) -> dict[str, bytes]:
+        folder.mkdir()
+        order = rng.permutation(n)
+        for task, chunk in enumerate(np.array_split(order, num_tasks)):
+            pq.write_table(table.take(chunk), folder / f"task-{task:06d}-000000.parquet")
+        parts = dd._normalize_parts(folder, dd.PART_TEMPLATE, TENSOR_SCHEMA, 700, **buffers)
+        assert sorted(p.name for p in folder.iterdir()) == [p.name for p in parts]
+        got = pa.concat_tables([pq.read_table(p) for p in parts])
+        assert got.column("id").to_pylist() == ids.tolist()
+        return _bytes(folder)
+
+    one = normalize(tmp_path / "one", 1)
+    assert len(one) == 5
+    many = normalize(tmp_path / "many", 23, sort_buffer_bytes=2_000, merge_buffer_bytes=1_000,
+                     fan_in=3)
+    assert many == one
+
+
+def test_map_to_side_table_joins_by_id_and_leaves_the_dataset_alone(ray_cluster, digits_dir):
+    manifest_bytes = (digits_dir / "dataset.json").read_bytes()
+    before = ImageDataset.load(digits_dir)
+    path = dd.map_to_side_table(digits_dir, "h", TensorMapper, {}, TENSOR_SCHEMA,
+                                producer={"stage": "test"}, read_columns=["id", "image"],
+                                decode=True, concurrency=2, batch_size=128, progress=False)
+    assert path == digits_dir.absolute() / "side" / "h" and list_side_tables(digits_dir) == ["h"]
+    table = read_side_table(digits_dir, "h")
+    assert table.manifest["producer"]["stage"] == "test"
+    assert table.manifest["dataset_content_hash"] == before.content_hash
+    assert table.manifest["columns"] == [{"name": "h", "dtype": "float16", "shape": [3, 2, 2]},
+                                         {"name": "brightness", "dtype": "float32", "shape": []}]
+    order = np.random.default_rng(1).permutation(len(before))
+    ids = [before.ids[i] for i in order]
+    expected = tensor_columns(before.images.numpy()[order])
+    np.testing.assert_array_equal(join(ids, table, "h"), expected["h"])
+    np.testing.assert_array_equal(join(ids, table, "brightness"), expected["brightness"])
+    assert (digits_dir / "dataset.json").read_bytes() == manifest_bytes
+    after = ImageDataset.load(digits_dir)  # verifies the content hash
+    assert after.content_hash == before.content_hash and after.ids == before.ids
+    assert not [p for p in (digits_dir / "side").iterdir() if p.name.startswith(".")]

@@ -1,4 +1,4 @@
-"""Metric math on feature arrays (ALGORITHMS §6) against independent references: closed forms,
+"""Metric math on feature arrays (docs/algorithms.md §6) against independent references: closed forms,
 scipy sqrtm, scikit-learn's LOF/kNN, the prdc package and hand-written O(n^2) loops."""
 
 import math

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from debiaslab.config import ModelConfig
 from debiaslab.errors import ConfigError
 from debiaslab.nets import NETS, EncoderClassifier, UNet, num_parameters, timestep_embedding
 
@@ -303,3 +304,100 @@ def test_unet_overfits_a_fixed_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / min_drop, losses[:: steps // 6]
+
+
+# ---------------------------------------------------------------- build_net from a ModelConfig
+
+
+def _model(net: str, **kw: object) -> ModelConfig:
+    base = dict(net=net, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(), head_channels=8, class_conditional=False)
+    return ModelConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+# (input shape, expected output shape with num_outputs=5) of each registered network
+BUILD_CASES = {
+    "unet": ((1, SIZE, SIZE), (BATCH, 5, SIZE, SIZE)),  # num_outputs: output channels
+    "encoder_classifier": ((3, SIZE, SIZE), (BATCH, 5)),
+    "mlp_head": ((6, 2, 2), (BATCH, 5)),
+}
+
+
+@pytest.mark.parametrize("name", NETS.names())
+def test_build_net_builds_every_registered_net_from_a_model_config(name: str) -> None:
+    from debiaslab.nets import build_net
+
+    assert set(BUILD_CASES) == set(NETS.names()), "add the new network to BUILD_CASES"
+    shape, out_shape = BUILD_CASES[name]
+    net = build_net(_model(name), shape=shape, num_classes=10, num_outputs=5)
+    assert isinstance(net, NETS.get(name))
+    x, t = torch.randn(BATCH, *shape), torch.rand(BATCH) * 999.0
+    with torch.no_grad():
+        out = net(x) if name == "mlp_head" else net(x, t)
+    assert out.shape == out_shape
+
+
+def test_build_net_matches_the_direct_constructor_and_conditioning_rules() -> None:
+    from debiaslab.nets import build_net
+
+    torch.manual_seed(0)
+    built = build_net(_model("unet", class_conditional=True), shape=(1, SIZE, SIZE),
+                      num_classes=3, aug_dim=9)
+    torch.manual_seed(0)
+    direct = UNet(1, 1, image_size=SIZE, model_channels=16, channel_mult=(1, 2),
+                  num_res_blocks=1, attention_resolutions=(), head_channels=8, num_classes=3,
+                  aug_dim=9)
+    for (k, a), b in zip(built.state_dict().items(), direct.state_dict().values()):
+        assert torch.equal(a, b), k
+    # one class (or class_conditional false): unconditional, as the score Trainer always did
+    assert build_net(_model("unet", class_conditional=True), shape=(1, SIZE, SIZE),
+                     num_classes=1).num_classes is None
+    clf = build_net(_model("encoder_classifier", class_conditional=True,
+                           options={"pool": "mean", "num_heads": 2}),
+                    shape=(1, SIZE, SIZE), num_classes=4, num_outputs=2)
+    assert clf.num_classes_cond == 4 and clf.pool_kind == "mean" and clf.num_outputs == 2
+    head = build_net(_model("mlp_head", options={"time_conditional": True}, num_res_blocks=3),
+                     shape=(7,), num_classes=0, num_outputs=3)
+    assert head.time_conditional and len(head.blocks) == 3 and head.head.in_features == 16
+
+
+@pytest.mark.parametrize("name, key", [("unet", "pool"), ("encoder_classifier", "num_classes"),
+                                       ("mlp_head", "hiden"), ("unet", "model_channels")])
+def test_unknown_model_option_is_a_one_line_config_error(name: str, key: str) -> None:
+    from debiaslab.nets import build_net, net_options
+
+    with pytest.raises(ConfigError) as info:
+        build_net(_model(name, options={key: 1}), shape=(1, SIZE, SIZE), num_classes=2,
+                  num_outputs=2, where="classifier.model")
+    msg = str(info.value)
+    assert f"classifier.model.options.{key}" in msg and "\n" not in msg
+    assert "allowed: " + ", ".join(net_options(name)) in msg
+    assert net_options("encoder_classifier") == ["num_heads", "pool", "resblock_updown",
+                                                 "use_scale_shift_norm"]
+
+
+def test_constructor_errors_name_the_section() -> None:
+    from debiaslab.nets import build_net
+
+    with pytest.raises(ConfigError, match=r"^model: .*pool 'max'; allowed"):
+        build_net(_model("encoder_classifier", options={"pool": "max"}), shape=(1, SIZE, SIZE),
+                  num_classes=2, num_outputs=2)
+    with pytest.raises(ConfigError, match="needs num_outputs"):
+        build_net(_model("encoder_classifier"), shape=(1, SIZE, SIZE), num_classes=2)
+
+
+def test_mlp_head_time_conditioning() -> None:
+    from debiaslab.nets import MLPHead
+
+    torch.manual_seed(0)
+    head = MLPHead((4, 3), 2, hidden=16, depth=2, time_conditional=True)
+    x = torch.randn(BATCH, 4, 3)
+    t = torch.tensor([0.0, 10.0, 500.0, 999.0])
+    with torch.no_grad():
+        out = head(x, t)
+        assert out.shape == (BATCH, 2)
+        assert not torch.allclose(out, head(x, t + 100.0))
+    with pytest.raises(ValueError, match="time-conditional"):
+        head(x)
+    with pytest.raises(ValueError, match="shape"):
+        head(torch.randn(BATCH, 12), t)

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from conftest import recipe_runs
+
 from debiaslab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +23,10 @@ def test_run_on_ray_backend(tmp_path):
             *[a for item in TINY + [f"output_dir={tmp_path}"] for a in ("--set", item)]]
     assert main(argv) == 0
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("raybackend").experiment_id])
+    run, children = recipe_runs(client, "raybackend")
     assert run.info.status == "FINISHED"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(children["train"].info.run_id,
+                                                       "train/loss")]
     assert steps == [4, 8]  # logged by rank 0 into the driver's run
     assert "eval/fid" in run.data.metrics
     samples = tmp_path / "runs" / "digits_lt_debias" / "samples"

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import recipe_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -130,9 +131,9 @@ def test_ray_job_submit_pipeline_logs_to_mlflow_server(ray_head, mlflow_server, 
     status = jobs.get_job_status("debiaslab-it")
     assert status == JobStatus.SUCCEEDED, jobs.get_job_logs("debiaslab-it")[-4000:]
     client = MlflowClient(mlflow_server)
-    exp = client.get_experiment_by_name("jobsubmit")
-    (run,) = client.search_runs([exp.experiment_id])
+    run, children = recipe_runs(client, "jobsubmit")
     assert run.info.status == "FINISHED"
-    assert {"train/loss", "eval/fid"} <= set(run.data.metrics)
-    grids = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"train/final_loss", "eval/fid"} <= set(run.data.metrics)
+    assert "train/loss" in children["train"].data.metrics
+    grids = {a.path for a in client.list_artifacts(children["sample"].info.run_id, "samples")}
     assert "samples/grid_ddim.png" in grids

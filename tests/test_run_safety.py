@@ -200,7 +200,8 @@ def test_killed_training_leaves_no_temp_files_or_zombie_runs(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     uri = resolve_tracking_uri(tmp_path)
-    [zombie] = find_runs(uri, experiments=["debiaslab"], statuses=("RUNNING",))
+    zombies = find_runs(uri, experiments=["debiaslab"], statuses=("RUNNING",))
+    assert sorted(r.name for r in zombies) == ["k", "k/train"]  # the parent and its train stage
     orphan = ckpts / f".ckpt_00000400.pt.tmp-{proc.pid}"  # what a kill mid-write leaves
     orphan.write_bytes(b"x" * 1000)
     live = ckpts / f".ckpt_00000400.pt.tmp-{os.getppid()}"  # a live writer's file stays
@@ -212,8 +213,11 @@ def test_killed_training_leaves_no_temp_files_or_zombie_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not orphan.exists() and live.exists()
     runs = {r.run_id: r for r in find_runs(uri, experiments=["debiaslab"], statuses=())}
-    assert runs[zombie.run_id].status == "KILLED"
-    assert [r.status for r in runs.values() if r.run_id != zombie.run_id] == ["FINISHED"]
+    assert all(runs[z.run_id].status == "KILLED" for z in zombies)
+    others = sorted((r.name, r.status) for r in runs.values()
+                    if r.run_id not in {z.run_id for z in zombies})
+    # the first data stage finished; the restart skipped it (up to date) and trained on
+    assert others == [("k", "FINISHED"), ("k/data", "FINISHED"), ("k/train", "FINISHED")]
 
 
 # ----------------------------------------------------------------------------- dataset keys

@@ -666,7 +666,7 @@ class TanhX0(nn.Module):
 
 
 def _hand_two_steps(name: str, den: VPDenoiser, clip: bool) -> Tensor:
-    """Two steps by hand from ALGORITHMS.md §3.2 / the dpmpp_2m docstring, in float64: DDIM (eta=0)
+    """Two steps by hand from docs/algorithms.md §3.2 / the dpmpp_2m docstring, in float64: DDIM (eta=0)
     on the leading grid (500, 0); DPM-Solver++ on (999, 500) then sigma = 0."""
     abar = den.schedule.alphas_cumprod
     x = SampleNoise(SEEDS, SHAPE, dtype=torch.float64).draw()
@@ -701,3 +701,128 @@ def test_clipped_steps_match_hand_computation(schedules: dict[str, VPSchedule],
                                atol=1e-12, rtol=0)
     torch.testing.assert_close(sample(name, den, SEEDS, SHAPE, steps=2, clip_x0=False),
                                hand[False], atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-step callbacks (k-diffusion style)
+
+
+CALLBACK_CASES = [
+    ("ddpm", {}),
+    ("ddpm", {"variance": "fixed_large"}),
+    ("ddim", {}),
+    ("ddim", {"eta": 0.5}),
+    ("dpmpp_2m", {}),
+    ("edm_heun", {}),
+    ("edm_heun", {"S_churn": 5.0}),
+]
+
+
+@pytest.mark.parametrize("name,options", CALLBACK_CASES)
+def test_callback_sees_every_step_and_changes_nothing(eps_models64: dict[str, VPDenoiser],
+                                                      name: str, options: dict[str, Any]) -> None:
+    steps = 5
+    rec = RecordingDenoiser(eps_models64["linear"])
+    infos: list[dict[str, Any]] = []
+    x = sample(name, rec, SEEDS, SHAPE, steps=steps, callback=infos.append, **options)
+    calls = [int(t[0]) for t in rec.calls]
+    assert torch.equal(x, sample(name, rec, SEEDS, SHAPE, steps=steps, **options))  # bit-identical
+    assert "callback" not in sampler_options(name)  # a common argument, not a sampler option
+    assert len(infos) == steps and [d["i"] for d in infos] == list(range(steps))
+    assert all(set(d) == {"i", "t", "x", "denoised"} for d in infos)
+    assert all(d["x"].shape == d["denoised"].shape == x.shape for d in infos)
+    assert torch.equal(infos[-1]["x"], x)
+    if name == "edm_heun":
+        from debiaslab.diffusion.schedules import karras_sigmas
+
+        sigmas = karras_sigmas(steps).tolist()[:-1]
+        assert [d["t"] for d in infos] == sigmas and all(type(d["t"]) is float for d in infos)
+    else:  # one denoiser call per step, at the reported original timestep
+        assert [d["t"] for d in infos] == calls and all(type(d["t"]) is int for d in infos)
+        assert torch.equal(infos[-1]["x"], infos[-1]["denoised"])  # last step: x = x0_hat
+
+
+def test_callback_runs_per_batch_through_sample(eps_models64: dict[str, VPDenoiser]) -> None:
+    infos: list[dict[str, Any]] = []
+    x = sample("ddim", eps_models64["linear"], range(5), SHAPE, steps=3, batch_size=2,
+               callback=infos.append)
+    assert [d["i"] for d in infos] == [0, 1, 2] * 3
+    assert [len(d["x"]) for d in infos] == [2] * 3 + [2] * 3 + [1] * 3
+    assert torch.equal(torch.cat([infos[k]["x"] for k in (2, 5, 8)]), x)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ancestral mean shift (Dhariwal & Nichol 2021, Algorithm 1: mu' = mu + s Sigma grad log p)
+
+
+SHIFT_C = 0.7
+
+
+class ShiftedMean(Denoiser):
+    """eps of ``inner``; mean_shift = SHIFT_C * variance (a classifier whose s grad log p is the
+    constant SHIFT_C), recording its arguments. ``shift=False`` returns None instead."""
+
+    def __init__(self, inner: Denoiser, shift: bool = True) -> None:
+        self.inner = inner
+        self.schedule = inner.schedule
+        self.net = inner.net
+        self.shift = shift
+        self.calls: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def __call__(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
+        return self.inner(x_t, t, **cond)
+
+    def mean_shift(self, x_t: Tensor, t: Tensor, variance: Tensor, **cond: Any) -> Tensor | None:
+        self.calls.append((x_t.clone(), t.clone(), variance.clone()))
+        return SHIFT_C * variance if self.shift else None
+
+
+def test_denoiser_mean_shift_defaults_to_none(eps_models64: dict[str, VPDenoiser]) -> None:
+    den = eps_models64["linear"]
+    x = torch.zeros(2, *SHAPE, dtype=torch.float64)
+    assert den.mean_shift(x, torch.full((2,), 5), torch.ones(2, 1, 1, 1)) is None
+    silent = ShiftedMean(den, shift=False)
+    assert torch.equal(sample("ddpm", silent, SEEDS, SHAPE, steps=4),
+                       sample("ddpm", den, SEEDS, SHAPE, steps=4))
+    assert len(silent.calls) == 4  # called at every step, the last included
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_ddpm_mean_shift_matches_hand_steps(eps_models64: dict[str, VPDenoiser],
+                                            variance: str) -> None:
+    """Three steps of Ho et al. 2020 Eq. 6-7 on the leading grid (666, 333, 0) by hand, float64,
+    with mu' = mu + SHIFT_C var (guided-diffusion's condition_mean with the model variance)."""
+    den = ShiftedMean(eps_models64["linear"])
+    abar_table = den.schedule.alphas_cumprod
+    ts = [666, 333, 0]
+    abar = [float(abar_table[t]) for t in ts]
+    abar_prev = abar[1:] + [1.0]
+    beta = [1 - a / p for a, p in zip(abar, abar_prev)]
+    post_var = [(1 - p) / (1 - a) * b for a, p, b in zip(abar, abar_prev, beta)]
+    var = post_var if variance == "fixed_small" else beta[:2] + [post_var[1]]
+    noise = SampleNoise(SEEDS, SHAPE, dtype=torch.float64)
+    x = noise.draw()
+    states = []
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            states.append(x)
+            eps = den(x, torch.full((len(x),), t))
+            x0 = ((x - math.sqrt(1 - abar[i]) * eps) / math.sqrt(abar[i])).clamp(-1, 1)
+            mu = (math.sqrt(abar_prev[i]) * beta[i] / (1 - abar[i]) * x0
+                  + math.sqrt(1 - beta[i]) * (1 - abar_prev[i]) / (1 - abar[i]) * x)
+            x = mu + SHIFT_C * var[i]
+            if i < 2:
+                x = x + math.sqrt(var[i]) * noise.draw()
+    out = sample("ddpm", den, SEEDS, SHAPE, steps=3, variance=variance)
+    # float64, ~20 operations per step on |x| < 10: 1e-12 is ~100x the roundoff
+    torch.testing.assert_close(out, x, atol=1e-12, rtol=0)
+    assert len(den.calls) == 3
+    for i, (x_t, t, v) in enumerate(den.calls):
+        torch.testing.assert_close(x_t, states[i], atol=1e-12, rtol=0)  # the state before step i
+        assert t.dtype == torch.long and t.tolist() == [ts[i]] * len(SEEDS)
+        assert v.shape == (len(SEEDS), 1, 1, 1) and v.dtype == torch.float64
+        torch.testing.assert_close(v, torch.full_like(v, var[i]), atol=1e-15, rtol=1e-14)
+    if variance == "fixed_small":
+        assert torch.equal(den.calls[-1][2], torch.zeros_like(den.calls[-1][2]))  # last step
+    plain = sample("ddpm", eps_models64["linear"], SEEDS, SHAPE, steps=3, variance=variance)
+    assert not torch.allclose(out, plain)

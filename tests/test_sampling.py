@@ -122,7 +122,7 @@ def test_ray_sample_path_passes_cfg_clip_x0(trained: sampling.TrainedModel, tmp_
     monkeypatch.setattr(dataset_mod.ImageDataset, "load", staticmethod(lambda path: FakeDataset))
     for clip in (True, False):
         cfg = load_config(None, [f"output_dir={tmp_path}", f"sample.clip_x0={clip}"])
-        pipeline.sample_on_ray(cfg, trained.checkpoint, "ddim", tmp_path / "out")
+        pipeline.sample_on_ray(cfg, trained.checkpoint, "ddim", tmp_path / "out", [])
         assert jobs[-1]["clip_x0"] is clip
 
     # the actor: SampleMapper hands clip_x0 to generate
@@ -130,7 +130,7 @@ def test_ray_sample_path_passes_cfg_clip_x0(trained: sampling.TrainedModel, tmp_
     monkeypatch.setattr(sampling, "load_trained", lambda *a, **k: trained)
     monkeypatch.setattr(sampling, "generate", spy)
     mapper = dd.SampleMapper(checkpoint=str(trained.checkpoint), sampler="ddim", steps=3,
-                             labels_mode="none", cfg_omega=0.0, options={}, use_ema=True,
+                             labels_mode="none", guidance=[], options={}, use_ema=True,
                              device="cpu", generate_batch_size=2, clip_x0=False)
     rows = mapper({"start": np.array([0]), "stop": np.array([2])})
     assert rows["id"] == ["seed00000000", "seed00000001"]

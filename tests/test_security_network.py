@@ -38,7 +38,7 @@ EXPERIMENT = {
     "train": {"steps": 2, "batch_size": 16, "warmup_steps": 1, "checkpoint_every": 2,
               "log_every": 1, "device": "cpu"},
     "sample": {"samplers": ["ddim"], "steps": 2, "num_samples": 20, "batch_size": 20,
-               "labels": "uniform"},
+               "labels": "uniform", "guidance": [{"type": "cfg", "omega": 0.0}]},
     "metrics": {"bootstrap": 0},
     "distributed": {"backend": "ray", "num_workers": 1, "cpus_per_worker": 1.0,
                     "object_store_memory_gb": 0.5},
@@ -200,7 +200,7 @@ def workspace(tmp_path_factory):
     build_data(cfg)
     Trainer(cfg, ImageDataset.load(cfg.dataset_path), cfg.run_dir, progress=False).fit()
     sweep = {"name": "net_sweep", "experiment": str(path), "kind": "sampling",
-             "params": {"sample.cfg_omega": {"type": "float", "low": 0.0, "high": 3.0}},
+             "params": {"sample.guidance.cfg.omega": {"type": "float", "low": 0.0, "high": 3.0}},
              "objective": {"metric": "eval/fid", "mode": "min"}, "num_trials": 1,
              "startup_trials": 1, "cpus_per_trial": 1.0}
     (root / "sweep.yaml").write_text(yaml.safe_dump(sweep))

@@ -17,7 +17,7 @@ import yaml
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
-from debiaslab.distributed.sweep import run_sweep
+from debiaslab.pipeline import run_sweep
 from debiaslab.errors import ConfigError
 from debiaslab.pipeline import build_data
 from debiaslab.sweeps import load_sweep
@@ -34,7 +34,7 @@ EXPERIMENT = {
     "train": {"steps": 4, "batch_size": 16, "warmup_steps": 2, "checkpoint_every": 4,
               "log_every": 2, "device": "cpu"},
     "sample": {"samplers": ["ddim"], "steps": 3, "num_samples": 40, "batch_size": 40,
-               "labels": "uniform"},
+               "labels": "uniform", "guidance": [{"type": "cfg", "omega": 0.0}]},
     "metrics": {"bootstrap": 0},
     "distributed": {"num_workers": 1, "cpus_per_worker": 1.0},
     "tracking": {"experiment": "sweeps"},
@@ -67,7 +67,8 @@ def ray_env_tmp():
 
 def write_sweep(root: Path, experiment: Path, name: str, **fields) -> Path:
     sweep = {"name": name, "experiment": str(experiment), "kind": "sampling",
-             "params": {"sample.cfg_omega": {"type": "float", "low": 0.0, "high": 3.0}},
+             "params": {"sample.guidance.cfg.omega": {"type": "float", "low": 0.0,
+                                                      "high": 3.0}},
              "objective": {"metric": "eval/fid", "mode": "min"}, "num_trials": 4,
              "cpus_per_trial": 1.0}
     sweep.update(fields)
@@ -104,12 +105,12 @@ def children(cfg, sweep_name: str) -> list:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"params": {"sample.cfg_omega": {"type": "float", "low": 2.0, "high": 1.0}}},
-     "params.sample.cfg_omega: empty or inverted range"),
-    ({"params": {"sample.cfg_omega": {"type": "float", "low": 1.0, "high": 1.0}}},
+    ({"params": {"sample.guidance.cfg.omega": {"type": "float", "low": 2.0, "high": 1.0}}},
+     "params.sample.guidance.cfg.omega: empty or inverted range"),
+    ({"params": {"sample.guidance.cfg.omega": {"type": "float", "low": 1.0, "high": 1.0}}},
      "empty or inverted range"),
-    ({"params": {"sample.cfg_omegaa": {"type": "float", "low": 0.0, "high": 1.0}}},
-     "params.sample.cfg_omegaa: unknown config key 'sample.cfg_omegaa'"),
+    ({"params": {"sample.guidance.cfg.omegaa": {"type": "float", "low": 0.0, "high": 1.0}}},
+     "params.sample.guidance.cfg.omegaa: unknown config key 'sample.guidance.cfg.omegaa'"),
     ({"params": {"cbdm.tau": {"type": "log", "low": 0.1, "high": 1.0}}},
      "a sampling sweep reuses one checkpoint"),
     ({"params": {"sample.steps": {"type": "categorical", "choices": []}}},
@@ -118,8 +119,8 @@ def children(cfg, sweep_name: str) -> list:
      "objective metric 'eval/fidd' is not reported by any trial; trials report: "),
     ({"checkpoint": "/nonexistent/run"}, "checkpoint: no trained checkpoint at /nonexistent/run"),
     ({"sweep_name": "../escape"}, "name: '../escape' is not a plain name"),
-    ({"params": {"sample.cfg_omega": {"type": "float", "low": 0.0, "high": float("inf")}}},
-     "params.sample.cfg_omega.high: must be a finite number"),
+    ({"params": {"sample.guidance.cfg.omega": {"type": "float", "low": 0.0, "high": float("inf")}}},
+     "params.sample.guidance.cfg.omega.high: must be a finite number"),
 ])
 def test_bad_sweeps_fail_in_one_line_before_any_trial(base, tmp_path, change, message):
     import ray
@@ -153,8 +154,8 @@ def test_sampling_sweep_multi_objective_with_asha(base, ray_env_tmp):
     assert best.tags["debiaslab.trial_id"] == result.best_trial_id
     assert result.best_metrics["eval/fid"] == pytest.approx(best.metrics["eval/fid"])
     parent = find_runs(resolve_tracking_uri(cfg.output_dir), run_ids=[result.parent_run_id])[0]
-    assert float(parent.params["best.sample.cfg_omega"]) == pytest.approx(
-        result.best_config["sample.cfg_omega"])
+    assert float(parent.params["best.sample.guidance.cfg.omega"]) == pytest.approx(
+        result.best_config["sample.guidance.cfg.omega"])
     assert parent.status == "FINISHED"
     for name in ("trials.md", "objective_vs_params.png", "param_importance.png"):
         assert (result.sweep_dir / "summary" / name).is_file(), name
@@ -228,12 +229,12 @@ def test_summary_plots_survive_degenerate_trials(base):
 
     _, experiment, _ = base
     sweep = load_sweep(write_sweep(base[0], experiment, "plots"))
-    same = [{"params": {"sample.cfg_omega": w}, "metrics": {"eval/fid": 7.0}} for w in (0.5, 2.0)]
+    same = [{"params": {"sample.guidance.cfg.omega": w}, "metrics": {"eval/fid": 7.0}} for w in (0.5, 2.0)]
     figures = importance_and_scatter_figures(sweep, same)
     assert set(figures) == {"objective_vs_params", "param_importance"}
     text = [t.get_text() for t in figures["param_importance"].axes[0].texts]
     assert text and "undefined" in text[0]
-    varied = [{"params": {"sample.cfg_omega": w}, "metrics": {"eval/fid": 10.0 + w * w}}
+    varied = [{"params": {"sample.guidance.cfg.omega": w}, "metrics": {"eval/fid": 10.0 + w * w}}
               for w in (0.1, 0.7, 1.5, 2.2, 2.9)]
     bars = importance_and_scatter_figures(sweep, varied)["param_importance"].axes[0].patches
     assert len(bars) == 1 and bars[0].get_width() == pytest.approx(1.0)

@@ -1,17 +1,20 @@
-"""Training loop: checkpoint round trip, exact resume, NaN stop keeping the last good checkpoint."""
+"""Training loop: checkpoint round trip, exact resume, NaN stop keeping the last good checkpoint,
+the global batch split over ranks, and losses holding frozen modules."""
 
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from debiaslab.config import load_config
-from debiaslab.errors import CheckpointError, TrainingDiverged
+from debiaslab.diffusion.losses import DenoisingLoss, mean_per_sample
+from debiaslab.errors import CheckpointError, ConfigError, TrainingDiverged
 from debiaslab.training.checkpoint import (
     latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
 )
-from debiaslab.training.loop import EMA, Trainer, warmup_lambda
+from debiaslab.training.loop import EMA, ScoreTask, Trainer, warmup_lambda
 
 TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
         "model.head_channels=16", "model.dropout=0.1", "train.batch_size=16",
@@ -144,3 +147,114 @@ def test_mixed_precision_path_runs(tmp_path, digits_lt):
                     digits_lt, tmp_path / "fp32", progress=False).fit()
     assert all(math.isfinite(v) for v in res16.losses.values())
     assert res16.losses[1] == pytest.approx(res32.losses[1], rel=0.05)
+
+
+def test_ema_decay_zero_tracks_the_model_without_a_copy():
+    net = torch.nn.Linear(2, 1)
+    ema = EMA(net, decay=0.0)
+    assert ema.shadow is net and not ema.enabled
+    ema.update(net)
+    assert ema.num_updates == 1 and ema.state_dict()["shadow"].keys() == net.state_dict().keys()
+
+
+# ---------------------------------------------------------------- global batch
+
+
+def test_global_batch_is_split_over_ranks(tmp_path, digits_lt):
+    """train.batch_size is the global batch: rank r of W gets the r-th contiguous 1/W of the
+    rows, timesteps, noise and label dropout that one process draws at the same batch size."""
+    cfg = tiny_cfg(tmp_path, "train.label_dropout=0.5", "diffusion.loss=cbdm")
+    one = Trainer(cfg, digits_lt, tmp_path / "one", progress=False)
+    ranks = [Trainer(cfg, digits_lt, tmp_path / f"r{r}", rank=r, world_size=2, progress=False)
+             for r in (0, 1)]
+    for step in (0, 7, 40):  # 40 * 16 rows crosses an epoch boundary of digits-LT
+        full = one.make_batch(step)
+        parts = [t.make_batch(step) for t in ranks]
+        assert parts[0]["x0"].shape[0] == cfg.train.batch_size // 2
+        assert set(full) == {"x0", "level", "noise", "y", "y_prime"}
+        for key in full:
+            assert torch.equal(torch.cat([p[key] for p in parts]), full[key]), (step, key)
+    assert one.state_dict()["batch"] == {"global": 16, "world_size": 1}
+    assert ranks[1].state_dict()["batch"] == {"global": 16, "world_size": 2}
+    with pytest.raises(ConfigError) as info:
+        Trainer(cfg, digits_lt, tmp_path / "x", rank=0, world_size=3, progress=False)
+    assert str(info.value) == ("train.batch_size=16 is not divisible by "
+                               "distributed.num_workers=3")
+
+
+def test_checkpoint_of_the_per_worker_batch_era_is_refused(tmp_path, digits_lt):
+    """Multi-worker Ray checkpoints without a "batch" entry trained at num_workers x batch_size;
+    resuming them with the global-batch meaning would silently change the run."""
+    from debiaslab.training.resume import check_resume
+
+    Trainer(tiny_cfg(tmp_path, "train.steps=2", "train.checkpoint_every=2"), digits_lt,
+            tmp_path, progress=False).fit()
+    path = latest_checkpoint(tmp_path / "checkpoints")
+    state = load_checkpoint(path)
+    ray2 = tiny_cfg(tmp_path, "train.steps=4", "distributed.backend=ray",
+                    "distributed.num_workers=2")
+    state["config"]["distributed"].update(backend="ray", num_workers=2)
+    assert check_resume(ray2, state, path) == {}  # written now: resumes
+    old = {k: v for k, v in state.items() if k != "batch"}
+    with pytest.raises(CheckpointError) as info:
+        check_resume(ray2, old, path)
+    msg = str(info.value)
+    assert "\n" not in msg and path.name in msg and "2 workers x 16" in msg
+    assert "now means the global batch" in msg
+    old["config"]["distributed"].update(backend="local", num_workers=1)  # one process: same
+    assert check_resume(tiny_cfg(tmp_path, "train.steps=4"), old, path) == {}
+
+
+# ---------------------------------------------------------------- frozen modules in a loss
+
+
+class FrozenProbeLoss(DenoisingLoss):
+    """The eps loss plus the square of a frozen Linear probe of the prediction (a stand-in for
+    TIW-DSM's pretrained discriminator): gradients flow through the probe, never into it."""
+
+    def __init__(self, cfg) -> None:
+        base = DenoisingLoss.from_config(cfg)
+        super().__init__(base.schedule, base.target.name, base.weighting, base.apply)
+        self.probe = nn.Linear(256, 1)
+        with torch.no_grad():  # fixed weights, as if loaded from the discriminator's checkpoint
+            g = torch.Generator().manual_seed(123)
+            self.probe.weight.copy_(torch.randn(1, 256, generator=g))
+            self.probe.bias.fill_(0.5)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return {"probe": self.probe}
+
+    def __call__(self, model, x0, level, noise, **cond):
+        x_t, _, _ = self.noisy(x0, level, noise)
+        out = model(x_t, level.to(x0.device, torch.float32), **cond).float()
+        return mean_per_sample((out - noise) ** 2) + self.probe(out.flatten(1)).squeeze(1) ** 2
+
+
+def test_frozen_modules_of_a_loss_stay_out_of_training_and_checkpoints(tmp_path, digits_lt):
+    def trainer(steps: int, run: str) -> Trainer:
+        cfg = tiny_cfg(tmp_path / run, f"train.steps={steps}", "train.checkpoint_every=3")
+        return Trainer(cfg, ScoreTask(cfg, digits_lt, loss=FrozenProbeLoss(cfg)),
+                       tmp_path / run, progress=False)
+
+    t = trainer(6, "full")
+    probe = t.loss_fn.probe
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    assert t.frozen == {"probe": probe} and not probe.training
+    assert not any(p.requires_grad for p in probe.parameters())
+    in_optimizer = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in probe.parameters()}
+    full = t.fit()
+    for k, v in probe.state_dict().items():
+        assert torch.equal(v, before[k]), k  # unchanged
+    assert probe.weight.grad is None and not probe.training
+    state = load_checkpoint(full.checkpoint)
+    assert not any("probe" in k for k in state["model"]) and state["model"].keys() == \
+        state["ema"]["shadow"].keys() == t.net.state_dict().keys()
+    # it contributes to the loss: the same run without the probe term differs
+    plain = Trainer(tiny_cfg(tmp_path / "plain", "train.steps=1"), digits_lt,
+                    tmp_path / "plain", progress=False).fit()
+    assert plain.losses[1] < full.losses[1]
+    # exact resume with a freshly built (same) frozen module
+    first = trainer(3, "split").fit()
+    rest = trainer(6, "split").fit()
+    assert {**first.losses, **rest.losses} == full.losses

@@ -54,35 +54,24 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from debiaslab.pipeline import build_data, check_resumable
-    from debiaslab.runlock import run_lock
+    """The recipe's data and train stages (a stage whose inputs are unchanged is skipped)."""
+    from debiaslab.pipeline import run_experiment
 
     cfg = _load(args)
     if args.dry_run:
         return 0
     _check_tracking(cfg)
-    with run_lock(cfg.run_dir):
-        build_data(cfg)
-        check_resumable(cfg)  # refuse before an MLflow run records a config that won't apply
-        return _train_tracked(cfg)
-
-
-def _train_tracked(cfg: "ExperimentConfig") -> int:
-    from debiaslab.pipeline import train
-
-    if cfg.tracking.enabled:
-        from debiaslab.config import to_dict
-        from debiaslab.tracking import Tracker, ui_hint
-
-        with Tracker(cfg.output_dir, cfg.tracking.experiment,
-                     cfg.tracking.run_name or cfg.name) as tracker:
-            tracker.log_config(to_dict(cfg))
-            result = train(cfg, tracker=tracker)
-        print(f"checkpoint: {result.checkpoint}\nlook: {ui_hint(tracker.tracking_uri)}")
-    else:
-        result = train(cfg)
-        print(f"checkpoint: {result.checkpoint}")
+    result = run_experiment(cfg, stages=("data", "train"))
+    print(f"checkpoint: {result.checkpoint}")
+    _print_ui_hint(cfg)
     return 0
+
+
+def _print_ui_hint(cfg: "ExperimentConfig") -> None:
+    if cfg.tracking.enabled:
+        from debiaslab.tracking import resolve_tracking_uri, ui_hint
+
+        print(f"look: {ui_hint(resolve_tracking_uri(cfg.output_dir))}")
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -149,18 +138,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from debiaslab.pipeline import run_experiment, seed_configs
+    from debiaslab.recipes import get_recipe
 
     cfg = _load(args)
     configs = seed_configs(args.config, args.overrides, args.seeds) if args.seeds else [cfg]
+    recipe = get_recipe(cfg)
+    for name in args.stage:
+        recipe.stage(name)  # unknown stage names fail before any work
     if args.dry_run:
         for c in configs if args.seeds else []:
             print(f"seed {c.train.seed}: run {c.name} (group {c.tracking.group})")
+        print(f"recipe {recipe.name}: "
+              + " -> ".join(s.name for s in recipe.stages if not args.stage or s.name in args.stage))
         return 0
     _check_tracking(cfg)
     for c in configs:
-        result = run_experiment(c)
+        result = run_experiment(c, stages=tuple(args.stage), force=args.force)
         for key, path in result.artifacts.items():
             print(f"{key}: {path}")
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    """List the stages of the config's recipe: inputs, outputs, backend, run name, state."""
+    from debiaslab.recipes import get_recipe, read_record, resolve_backend
+    from debiaslab.report import format_table
+
+    cfg = _load(args)
+    recipe = get_recipe(cfg)
+    rows = []
+    for stage in recipe.stages:
+        record = read_record(cfg, stage)
+        rows.append({"stage": stage.name,
+                     "inputs": ", ".join(f"{k}:{v}" for k, v in stage.inputs.items()) or "-",
+                     "outputs": ", ".join(f"{k}:{v}" for k, v in stage.outputs.items()),
+                     "backend": resolve_backend(cfg, stage), "run": stage.run_name(cfg),
+                     "last run": record["finished"] if record else "never"})
+    print(f"recipe {recipe.name}: {recipe.description}")
+    print(format_table(rows, ["stage", "inputs", "outputs", "backend", "run", "last run"]))
     return 0
 
 
@@ -214,7 +229,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objectives))
         print("sweep OK (dry run: nothing was run)")
         return 0
-    from debiaslab.distributed.sweep import run_sweep
+    from debiaslab.pipeline import run_sweep
 
     result = run_sweep(args.config, args.overrides)
     print(f"best trial {result.best_trial_id}: {result.best_config}")
@@ -260,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if the dataset exists")
     p.set_defaults(func=cmd_data_build)
 
-    p = sub.add_parser("train", help="train a score model (single process)",
+    p = sub.add_parser("train", help="the recipe's data and train stages",
                        description="Train the configured score model; resumes from the latest "
                        "checkpoint in <output_dir>/runs/<name>/checkpoints.")
     _add_config_args(p)
@@ -290,12 +305,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder for eval JSON and plots (default: <run>/eval)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("run", help="data build + train + sample + evaluate in one MLflow run",
-                       description="Run a whole experiment and record it in MLflow.")
+    p = sub.add_parser("run", help="run the config's recipe of stages (one MLflow parent run, "
+                                   "a child run per stage)",
+                       description="Run the stages of the recipe the config names (recipe: ...). "
+                                   "A stage whose config and inputs are unchanged since its last "
+                                   "run is skipped.")
     _add_config_args(p)
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run once per training seed (names <name>-s<seed>, one MLflow group)")
+    p.add_argument("--stage", action="append", default=[], metavar="NAME",
+                   help="run only this stage (repeatable); its inputs must exist from an "
+                        "earlier run (see `debiaslab stages`)")
+    p.add_argument("--force", action="store_true", help="re-run stages even when up to date")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("stages", help="list the stages of the config's recipe",
+                       description="Stages with typed inputs and outputs, backend, run name and "
+                                   "when each last ran.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser("extract", help="metric features of a dataset with a Ray Data actor pool",
                        description="Run the configured feature extractor over a dataset folder "

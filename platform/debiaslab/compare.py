@@ -15,7 +15,7 @@ import numpy as np
 from debiaslab.errors import ConfigError
 
 GROUP_TAG, SEED_TAG, METHOD_TAG = "debiaslab.group", "debiaslab.seed", "debiaslab.method"
-KIND_TAG, KIND_COMPARISON = "debiaslab.kind", "comparison"
+KIND_TAG, KIND_COMPARISON, KIND_STAGE = "debiaslab.kind", "comparison", "stage"
 DEFAULT_METRICS = ("eval/fid", "eval/precision", "eval/recall", "eval/head_fid", "eval/tail_fid",
                    "eval/head_recall", "eval/tail_recall", "eval/fd_class")
 LOWER_IS_BETTER = ("fid", "kid", "fd")  # a metric name containing one of these: lower is better
@@ -211,7 +211,7 @@ def compare(
         raise ConfigError("compare: name an --experiment or --run-ids")
     runs = [r for r in find_runs(tracking_uri, experiments=experiments, tags=tags,
                                  run_ids=run_ids)
-            if r.tags.get(KIND_TAG) != KIND_COMPARISON]
+            if r.tags.get(KIND_TAG) not in (KIND_COMPARISON, KIND_STAGE)]
     if not runs:
         raise ConfigError(f"compare: no finished runs in {', '.join(experiments or run_ids)}"
                           + (f" with tags {dict(tags)}" if tags else ""))

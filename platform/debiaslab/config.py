@@ -48,13 +48,15 @@ class ModelConfig:
     head_channels: int = 32
     dropout: float = 0.0
     class_conditional: bool = True
+    # keyword options only some networks take (e.g. the encoder classifier's pool); checked
+    # against the network's constructor by nets.build_net
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class DiffusionConfig:
-    """Forward process, prediction target and loss weighting (ALGORITHMS.md §5)."""
+    """Forward process, prediction target and loss weighting (docs/algorithms.md §5)."""
 
-    formulation: Literal["vp", "edm"] = "vp"
     schedule: str = "linear"
     num_timesteps: int = 1000
     target: str = "eps"
@@ -97,11 +99,39 @@ class TrainConfig:
 
 @dataclass
 class CBDMConfig:
-    """Class-balancing regularizer (ALGORITHMS.md §4.2), used when diffusion.loss = cbdm."""
+    """Class-balancing regularizer (docs/algorithms.md §4.2), used when diffusion.loss = cbdm."""
 
     tau: float = 1.0
     gamma: float = 0.25  # the official code's hard-coded 1/4
     target_distribution: Literal["train", "uniform"] = "train"  # where y' is drawn from
+
+
+def _classifier_model() -> "ModelConfig":
+    return ModelConfig(net="encoder_classifier", model_channels=32, channel_mult=(1, 2, 2),
+                       num_res_blocks=1, attention_resolutions=(), class_conditional=False)
+
+
+def _classifier_train() -> "TrainConfig":
+    return TrainConfig(steps=1000, batch_size=128, lr=3e-4, warmup_steps=0, ema_decay=0.0,
+                       label_dropout=0.0, checkpoint_every=500)
+
+
+@dataclass
+class ClassifierConfig:
+    """An auxiliary classifier trained by a recipe's classifier stage (training.classifier):
+    p(label | x_t, t) on noisy images, or a head on the rows of a feature side table."""
+
+    # which column is the label: "class", "attr:<name>" or "side:<table>.<column>"
+    label: str = "class"
+    input: Literal["noisy_images", "features"] = "noisy_images"
+    features: str = ""  # input=features: the side table column "<table>.<column>"
+    # timesteps t of the noisy inputs (diffusion.schedule's forward process): drawn uniformly
+    # from 0..T-1, or from timestep_range [lo, hi] (inclusive) when it is set
+    timestep_range: tuple[int, ...] = ()
+    val_fraction: float = 0.1  # stratified hold-out for the per-timestep validation plot
+    val_buckets: int = 10  # timestep buckets of that plot
+    model: ModelConfig = field(default_factory=_classifier_model)
+    train: TrainConfig = field(default_factory=_classifier_train)
 
 
 @dataclass
@@ -114,7 +144,9 @@ class SampleConfig:
     batch_size: int = 100
     seed_start: int = 0
     options: dict[str, Any] = field(default_factory=dict)
-    cfg_omega: float = 0.0
+    # guidance components wrapped around the model in list order (diffusion.guidance.GUIDANCE),
+    # e.g. [{type: cfg, omega: 1.0}, {type: classifier, scale: 2.0, target: 3}]
+    guidance: tuple[dict[str, Any], ...] = ()
     labels: Literal["balanced", "uniform", "none"] = "balanced"
     use_ema: bool = True
     # clip x0_hat to the data range [-1, 1] at every step of the VP samplers (ddpm, ddim,
@@ -125,7 +157,7 @@ class SampleConfig:
 
 @dataclass
 class MetricsConfig:
-    """Evaluation protocol (ALGORITHMS.md §6): extractor, reference set and metric settings."""
+    """Evaluation protocol (docs/algorithms.md §6): extractor, reference set and metric settings."""
 
     extractor: str = "digits"
     inception_weights: str = ""
@@ -143,7 +175,9 @@ class MetricsConfig:
 class DistributedConfig:
     """Ray: whether heavy stages run on Ray, and with which resources (distributed/)."""
 
-    backend: Literal["local", "ray"] = "local"
+    # where stages run: auto = each stage's default (recipes.Stage.backend), or local / ray for
+    # every stage
+    backend: Literal["auto", "local", "ray"] = "auto"
     address: str = ""  # "" starts a local Ray (address="local"); "auto" or ray://... joins one
     num_workers: int = 1  # Ray Train DDP workers
     use_gpu: Literal["auto", "true", "false"] = "auto"
@@ -172,12 +206,15 @@ class ExperimentConfig:
     """The unit of reproducibility: one YAML in configs/experiments/."""
 
     name: str = "experiment"
+    # the method's recipe of stages (recipes.RECIPES): what `debiaslab run` executes
+    recipe: str = "diffusion"
     output_dir: str = "outputs"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     cbdm: CBDMConfig = field(default_factory=CBDMConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -312,21 +349,53 @@ def _check_finite(value: Any, key: str) -> None:
             _check_finite(v, f"{key}[{i}]")
 
 
-def _from_dict(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+def _from_dict(cls: type, raw: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
+    """``cls`` from a mapping, strictly; keys not given keep ``base``'s values (default: the
+    class defaults), so a nested section such as ``classifier.model`` keeps its own defaults
+    when only some of its keys are set."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    base = cls() if base is None else base
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             raise ConfigError(f"unknown config key {full!r}; allowed: {', '.join(names)}")
-        kwargs[key] = _convert(value, hints[key], full)
-    return cls(**kwargs)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            kwargs[key] = _from_dict(hints[key], value, full, base=getattr(base, key))
+        else:
+            kwargs[key] = _convert(value, hints[key], full)
+    return dataclasses.replace(base, **kwargs)
 
 
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build a validated config from a plain dict (missing keys take their defaults)."""
     return _from_dict(ExperimentConfig, raw or {})
+
+
+# Keys older versions wrote that no longer mean anything (they are dropped from the configs
+# embedded in old checkpoints; in a user's YAML they are unknown keys like any other).
+REMOVED_KEYS = ("diffusion.formulation", "sample.cfg_omega")
+
+
+def drop_removed_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a saved config dict without the REMOVED_KEYS."""
+    import copy
+
+    out = copy.deepcopy(raw or {})
+    for dotted in REMOVED_KEYS:
+        *parents, last = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
+
+
+def from_saved_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """The config embedded in a checkpoint or sent to a worker (older keys tolerated)."""
+    return from_dict(drop_removed_keys(raw))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -353,15 +422,45 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError:
             value = text
-        node = out
-        parts = path.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {path!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        set_path(out, path.strip(), value, f"override {path.strip()!r}")
     return out
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any, what: str | None = None) -> None:
+    """Set ``a.b.c`` in a nested dict. Inside a list, a part is an index (``guidance.0.omega``)
+    or the ``type`` of exactly one entry (``guidance.cfg.omega``)."""
+    what = what or path
+    node: Any = raw
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            index = _list_index(node, part, what)
+            if last:
+                node[index] = value
+                return
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: {parts[depth - 1]!r} is not a section")
+        if last:
+            node[part] = value
+            return
+        node = node.setdefault(part, {})
+
+
+def _list_index(items: list[Any], part: str, what: str) -> int:
+    if part.isdigit():
+        if int(part) >= len(items):
+            raise ConfigError(f"{what}: index {part} is past the end of a list of {len(items)}")
+        return int(part)
+    matches = [i for i, item in enumerate(items) if isinstance(item, dict)
+               and item.get("type") == part]
+    if len(matches) != 1:
+        kinds = [str(item.get("type")) for item in items if isinstance(item, dict)]
+        raise ConfigError(f"{what}: {part!r} must be a list index or the type of exactly one "
+                          f"entry; entries: {', '.join(kinds) or '(none)'}")
+    return matches[0]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -410,7 +509,8 @@ def validate(cfg: ExperimentConfig) -> None:
     from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
     from debiaslab.metrics.features import register_builtin_extractors
     from debiaslab.nets import NETS
-    import debiaslab.methods  # noqa: F401  (registers method components)
+    import debiaslab.methods  # noqa: F401  (registers method components and recipes)
+    from debiaslab.recipes import RECIPES
 
     checks = [
         ("data.source", cfg.data.source, SOURCES),
@@ -420,6 +520,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("diffusion.weighting", cfg.diffusion.weighting, WEIGHTINGS),
         ("diffusion.loss", cfg.diffusion.loss, LOSSES),
         ("metrics.extractor", cfg.metrics.extractor, register_builtin_extractors()),
+        ("recipe", cfg.recipe, RECIPES),
     ] + [(f"sample.samplers[{i}]", s, SAMPLERS) for i, s in enumerate(cfg.sample.samplers)]
     for key, value, registry in checks:
         if value not in registry:
@@ -466,8 +567,8 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("distributed.max_failures and distributed.map_num_gpus must be >= 0")
     if cfg.metrics.bootstrap < 0:
         raise ConfigError(f"metrics.bootstrap: must be >= 0, got {cfg.metrics.bootstrap}")
-    if cfg.train.warmup_steps < 0 or cfg.train.grad_clip < 0 or cfg.sample.cfg_omega < 0:
-        raise ConfigError("train.warmup_steps, train.grad_clip and sample.cfg_omega must be >= 0")
+    if cfg.train.warmup_steps < 0 or cfg.train.grad_clip < 0:
+        raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
     if cfg.sample.steps > cfg.diffusion.num_timesteps:
         raise ConfigError(
             f"sample.steps: must be <= diffusion.num_timesteps ({cfg.diffusion.num_timesteps}), "
@@ -483,13 +584,14 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_names_seeds_devices(cfg)
     _validate_model(cfg)
     _validate_options(cfg)
+    _validate_classifier(cfg)
 
 
 # Resume (training.resume): keys whose change never alters what a run means are ignored; these
 # may change when the user lists them in train.resume_allow; every other difference is refused.
 RESUME_ADJUSTABLE = ("train.lr", "train.warmup_steps", "train.grad_clip", "train.weight_decay",
                      "train.precision", "distributed.num_workers")
-RESUME_IGNORED = ("name", "output_dir", "data.", "sample.", "metrics.", "tracking.",
+RESUME_IGNORED = ("name", "output_dir", "data.", "sample.", "metrics.", "tracking.", "classifier.",
                   "distributed.", "train.steps", "train.log_every", "train.checkpoint_every",
                   "train.keep_checkpoints", "train.device", "train.resume_allow",
                   "train.init_from", "train.init_weights")
@@ -549,13 +651,52 @@ def _validate_model(cfg: ExperimentConfig) -> None:
                               f"resume; allowed: {', '.join(RESUME_ADJUSTABLE)}")
 
 
+def _validate_classifier(cfg: ExperimentConfig) -> None:
+    """The auxiliary classifier section (used by recipes with a classifier stage) and the
+    global batch of every training section."""
+    from debiaslab.nets import check_model_options, is_classifier
+
+    c = cfg.classifier
+    check_model_options(cfg.model, "model")
+    check_model_options(c.model, "classifier.model")
+    if not is_classifier(c.model.net):
+        raise ConfigError(f"classifier.model.net: {c.model.net!r} is not a classifier network")
+    if not 0.0 <= c.val_fraction < 1.0:
+        raise ConfigError(f"classifier.val_fraction: must be in [0, 1), got {c.val_fraction}")
+    if c.val_buckets < 1:
+        raise ConfigError(f"classifier.val_buckets: must be >= 1, got {c.val_buckets}")
+    T = cfg.diffusion.num_timesteps
+    rng = c.timestep_range
+    if rng and (len(rng) != 2 or not 0 <= rng[0] <= rng[1] <= T - 1):
+        raise ConfigError(f"classifier.timestep_range: must be [lo, hi] with 0 <= lo <= hi <= "
+                          f"{T - 1} (diffusion.num_timesteps - 1), got {list(rng)}")
+    for key in ("steps", "batch_size", "lr", "log_every", "checkpoint_every",
+                "keep_checkpoints"):
+        if getattr(c.train, key) <= 0:
+            raise ConfigError(f"classifier.train.{key}: must be > 0, got "
+                              f"{getattr(c.train, key)}")
+    if not 0.0 <= c.train.ema_decay <= 1.0:
+        raise ConfigError(f"classifier.train.ema_decay: must be in [0, 1], got "
+                          f"{c.train.ema_decay}")
+    workers = cfg.distributed.num_workers
+    for key, batch in (("train.batch_size", cfg.train.batch_size),
+                       ("classifier.train.batch_size", c.train.batch_size)):
+        if cfg.distributed.backend != "local" and batch % workers:
+            raise ConfigError(f"{key}={batch} is the global batch; it is not divisible by "
+                              f"distributed.num_workers={workers}")
+
+
 def _validate_options(cfg: ExperimentConfig) -> None:
     """Free-form option mappings are checked against the components that will receive them,
     so a typo fails at --dry-run, not after a training run."""
     from debiaslab.data.sources import check_source_options
     from debiaslab.diffusion.samplers import SAMPLERS, sampler_options
 
+    from debiaslab.diffusion.guidance import guidance_spec
+
     check_source_options(cfg.data.source, cfg.data.source_options)
+    for i, entry in enumerate(cfg.sample.guidance):
+        guidance_spec(entry, f"sample.guidance[{i}]")
     for sampler, options in cfg.sample.options.items():
         if sampler not in SAMPLERS:
             raise ConfigError(f"sample.options.{sampler}: unknown sampler; allowed: "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from debiaslab.config import ExperimentConfig, dump_yaml, to_dict
+from debiaslab.data.locate import load_training_data, train_data_path
 from debiaslab.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -17,6 +18,13 @@ GRID_SCALE = 2  # 16x16 digits are easier to read enlarged
 
 def log(msg: str) -> None:
     print(f"[debiaslab] {msg}", flush=True)
+
+
+def on_ray(cfg: ExperimentConfig, stage: str) -> bool:
+    """Whether ``stage`` runs on Ray (the recipe's rule, recipes.backend_of)."""
+    from debiaslab.recipes import backend_of
+
+    return backend_of(cfg, stage) == "ray"
 
 
 def write_text_atomic(path: Path, text: str) -> Path:
@@ -96,23 +104,6 @@ def check_recipe(folder: Path, built: dict[str, Any], wanted: dict[str, Any]) ->
                         f"--force to rebuild it, or set another data.dataset_dir")
 
 
-def train_data_path(cfg: ExperimentConfig, root: Path | None = None) -> Path:
-    """The folder the score model trains on (the biased part for attribute-bias builds)."""
-    from debiaslab.data.sources import BIASED_NAME
-
-    root = root or cfg.dataset_path
-    return root / BIASED_NAME if cfg.data.imbalance == "attribute_bias" else root
-
-
-def load_training_data(cfg: ExperimentConfig) -> Any:
-    from debiaslab.data.dataset import ImageDataset
-
-    path = train_data_path(cfg)
-    if not (path / "dataset.json").is_file():
-        raise DataError(f"{path}: no dataset here; run `debiaslab data build` first")
-    return ImageDataset.load(path)
-
-
 # ------------------------------------------------------------------------------------ train
 
 
@@ -132,7 +123,7 @@ def resume_point(cfg: ExperimentConfig) -> Path | None:
     """The checkpoint a training run of ``cfg`` would resume from (local or Ray storage)."""
     from debiaslab.training.checkpoint import latest_checkpoint, list_checkpoints
 
-    if cfg.distributed.backend != "ray":
+    if not on_ray(cfg, "train"):
         return latest_checkpoint(cfg.run_dir / "checkpoints")
     from debiaslab.distributed.train import storage_path
 
@@ -188,7 +179,7 @@ def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    if cfg.distributed.backend == "ray":
+    if on_ray(cfg, "train"):
         from debiaslab.distributed.train import train_distributed
 
         log(f"training on Ray Train: {cfg.distributed.num_workers} worker(s)")
@@ -213,42 +204,53 @@ def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True)
 
 
 def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, tracker: Any = None,
-           out_dir: str | Path | None = None, progress: bool = True) -> StageResult:
-    """Sample with every configured sampler; write images (Parquet), grids and class counts."""
+           out_dir: str | Path | None = None, progress: bool = True,
+           classifier: str | Path | None = None) -> StageResult:
+    """Sample with every configured sampler and ``sample.guidance``; write images (Parquet)
+    and grids. ``classifier``: the checkpoint guidance entries with checkpoint "" use."""
     import numpy as np
     import torch
 
     from debiaslab.data.schema import NO_LABEL, DatasetMeta, write_dataset
     from debiaslab.report import save_image_grid
-    from debiaslab.sampling import generate, load_trained, sample_labels
+    from debiaslab.sampling import (
+        generate, guided_denoiser, load_trained, resolve_guidance, seed_labels,
+    )
 
     trained = load_trained(checkpoint or cfg.run_dir, use_ema=cfg.sample.use_ema,
                            device=cfg.train.device)
     s = cfg.sample
+    ray = on_ray(cfg, "sample")
     out = Path(out_dir) if out_dir else cfg.run_dir / "samples"
     seeds = list(range(s.seed_start, s.seed_start + s.num_samples))
-    labels = sample_labels(s.labels, trained.num_classes, seeds)
-    if trained.null_label is None:
-        labels = None
+    guidance = resolve_guidance(cfg, classifier=classifier)
+    if guidance and tracker is not None:
+        import json
+
+        tracker.set_tag("sample.guidance", json.dumps(guidance))
     result = StageResult(run_dir=cfg.run_dir, checkpoint=trained.checkpoint)
     for name in s.samplers:
         t0 = time.perf_counter()
-        if cfg.distributed.backend == "ray":
-            images = sample_on_ray(cfg, trained.checkpoint, name, out / name)
+        denoiser = guided_denoiser(trained, name, guidance)
+        # labels: the network's; targets: what each image was steered toward (recorded)
+        labels, targets = seed_labels(trained, s.labels, seeds, denoiser)
+        if ray:
+            images = sample_on_ray(cfg, trained.checkpoint, name, out / name, guidance)
         else:
             images = generate(trained, name, seeds, steps=s.steps, labels=labels,
-                              cfg_omega=s.cfg_omega, batch_size=s.batch_size,
+                              denoiser=denoiser, batch_size=s.batch_size,
                               progress=progress, options=s.options.get(name, {}),
                               clip_x0=s.clip_x0)
         seconds = time.perf_counter() - t0
-        order = torch.argsort(labels, stable=True) if labels is not None else torch.arange(len(seeds))
+        order = (torch.argsort(targets, stable=True) if targets is not None
+                 else torch.arange(len(seeds)))
         grid = save_image_grid(images[order], out / f"grid_{name}.png", GRID_COLUMNS,
                                scale=GRID_SCALE)
         uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
-        lab = labels.numpy() if labels is not None else np.full(len(seeds), NO_LABEL)
+        lab = targets.numpy() if targets is not None else np.full(len(seeds), NO_LABEL)
         meta = DatasetMeta(name=f"{cfg.name}-{name}", source=f"samples:{trained.checkpoint}",
                            class_names=trained.class_names, attr_names=[])
-        if cfg.distributed.backend != "ray":  # the Ray job wrote the same dataset itself
+        if not ray:  # the Ray job wrote the same dataset itself
             write_dataset(out / name, uint8, lab, None, meta,
                           ids=[f"seed{sd:08d}" for sd in seeds])
         result.artifacts[f"grid_{name}"] = Path(grid)
@@ -262,7 +264,8 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
     return result
 
 
-def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Path) -> Any:
+def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Path,
+                  guidance: list[dict[str, Any]]) -> Any:
     """Sample with a Ray Data actor pool over seed ranges; returns the images in [-1, 1]."""
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.distributed.data import sample_job
@@ -271,7 +274,7 @@ def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Pa
     s, d = cfg.sample, cfg.distributed
     with ray_session(d.address, object_store_memory_gb=d.object_store_memory_gb):
         sample_job(checkpoint, sampler, range(s.seed_start, s.seed_start + s.num_samples), out,
-                   steps=s.steps, labels_mode=s.labels, cfg_omega=s.cfg_omega,
+                   steps=s.steps, labels_mode=s.labels, guidance=guidance,
                    options=s.options.get(sampler, {}), clip_x0=s.clip_x0, use_ema=s.use_ema,
                    device=cfg.train.device, concurrency=d.map_concurrency,
                    num_cpus=d.map_num_cpus, num_gpus=d.map_num_gpus)
@@ -387,6 +390,168 @@ def eval_row(label: str, ev: Any) -> dict[str, Any]:
     return {"samples": label, **{k: ev.metrics.get(k) for k in EVAL_TABLE_COLUMNS[1:]}}
 
 
+# ------------------------------------------------------------------------------------ stages
+# The stages every diffusion recipe shares (recipes.Stage): data -> train -> sample -> evaluate.
+# Methods compose them with their own stages (methods/*.py).
+
+
+def data_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """Build (or reuse) the configured dataset; logs the class-count plot."""
+    from debiaslab.data.schema import read_manifest
+    from debiaslab.recipes import StageOutput, make_artifact
+    from debiaslab.report import class_count_figure, save_figure
+
+    build_data(cfg, force=ctx.force)
+    path = train_data_path(cfg)
+    manifest = read_manifest(path)
+    plot = cfg.run_dir / "class_counts.png"
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(class_count_figure(dict(zip(manifest.class_names, manifest.class_counts)),
+                                   title=f"{cfg.name}: training images per class"), plot)
+    if ctx.tracker is not None:
+        ctx.tracker.log_dataset(manifest.content_hash, "train", str(path))
+        ctx.tracker.log_artifact(plot, "plots")
+    return StageOutput(artifacts={"dataset": make_artifact("dataset", path)},
+                       result=StageResult(run_dir=cfg.run_dir, artifacts={"class_counts": plot}))
+
+
+def train_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """Train the score model (local Trainer or Ray Train, see recipes.backend_of)."""
+    from debiaslab.recipes import StageOutput, make_artifact
+
+    result = train(cfg, tracker=ctx.tracker, progress=ctx.progress)
+    if result.checkpoint is None:
+        raise DataError(f"{cfg.run_dir}: training wrote no checkpoint")
+    return StageOutput(artifacts={"score_model": make_artifact("checkpoint", result.checkpoint)},
+                       metrics=dict(result.metrics), result=result)
+
+
+def sample_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """Sample every configured sampler with the configured guidance."""
+    from debiaslab.recipes import StageOutput, make_artifact
+
+    out = cfg.run_dir / "samples"
+    classifier = ctx.inputs["classifier"].path if "classifier" in ctx.inputs else None
+    result = sample(cfg, ctx.inputs["score_model"].path, tracker=ctx.tracker,
+                    progress=ctx.progress, out_dir=out, classifier=classifier)
+    return StageOutput(artifacts={"samples": make_artifact("samples", out)},
+                       metrics=dict(result.metrics), result=result)
+
+
+def evaluate_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """Metrics of every sampler's samples against the reference set."""
+    from debiaslab.recipes import StageOutput, make_artifact
+
+    folder = Path(ctx.inputs["samples"].path)
+    result = StageResult(run_dir=cfg.run_dir)
+    for name in cfg.sample.samplers:
+        result.artifacts[f"samples_{name}"] = folder / name
+    evaluate_run(cfg, result, tracker=ctx.tracker, progress=False)
+    metrics = dict(result.metrics)  # eval/<metric> of the first sampler, eval/<sampler>/...
+    for name, ev in result.evaluations.items():
+        metrics.update({f"eval/{name}/{k}": v for k, v in ev.metrics.items()})
+    return StageOutput(artifacts={"evaluation": make_artifact("evaluation",
+                                                              cfg.run_dir / "eval")},
+                       metrics=metrics, result=result)
+
+
+def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """Train the auxiliary classifier of ``cfg.classifier`` (run ``<name>.classifier``; Ray
+    Train by default), then validate it per timestep bucket on the held-out rows (plot)."""
+    from debiaslab.recipes import StageOutput, make_artifact
+    from debiaslab.report import save_figure
+    from debiaslab.runlock import run_lock
+    from debiaslab.training.checkpoint import remove_orphan_temps
+    from debiaslab.training.classifier import (
+        classifier_experiment, evaluation_metrics, load_classifier_data,
+        plot_classifier_evaluation, train_classifier, validate_checkpoint,
+    )
+
+    ccfg = classifier_experiment(cfg)
+    tracker = ctx.tracker
+    with run_lock(ccfg.run_dir):
+        ccfg.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(ccfg.run_dir / "config.yaml", dump_yaml(ccfg))
+        for path in remove_orphan_temps(ccfg.run_dir / "checkpoints"):
+            log(f"removed {path.name}, left by a writer that was killed")
+        if on_ray(cfg, "classifier"):
+            from debiaslab.distributed.train import train_distributed
+            from debiaslab.training.factories import classifier_trainer
+
+            log(f"classifier on Ray Train: {cfg.distributed.num_workers} worker(s)")
+            dist = train_distributed(
+                ccfg, tracking_uri=tracker.tracking_uri if tracker is not None else None,
+                mlflow_run_id=tracker.run_id if tracker is not None else None,
+                trainer_factory=classifier_trainer)
+            checkpoint = dist.checkpoint
+            if checkpoint is None:
+                raise DataError(f"{dist.storage_dir}: the classifier run left no local "
+                                f"checkpoint (remote storage is not supported for guidance)")
+            evaluation = validate_checkpoint(ccfg, checkpoint, ccfg.train.device)
+        else:
+            on_metrics = ((lambda step, m: tracker.log_metrics(m, step))
+                          if tracker is not None else None)
+            result = train_classifier(ccfg, load_classifier_data(ccfg), ccfg.run_dir,
+                                      on_metrics=on_metrics, progress=ctx.progress)
+            checkpoint, evaluation = result.train.checkpoint, result.evaluation
+    metrics = {f"classifier/{k}": v for k, v in evaluation_metrics(evaluation).items()}
+    plot = save_figure(plot_classifier_evaluation(
+        evaluation, title=f"{ccfg.name}: validation per timestep"),
+        ccfg.run_dir / "validation_per_timestep.png")
+    log(f"classifier validation accuracy {evaluation['accuracy_mean']:.3f} "
+        f"(per bucket: {', '.join(f'{a:.2f}' for a in evaluation['accuracy'])})")
+    if tracker is not None:
+        tracker.log_metrics(metrics, step=ccfg.train.steps)
+        tracker.log_artifact(plot, "plots")
+        tracker.set_tag("checkpoint", str(checkpoint))
+    summary = {"classifier/val/accuracy": metrics["classifier/val/accuracy"]}
+    return StageOutput(artifacts={"classifier": make_artifact("checkpoint", checkpoint)},
+                       metrics=summary, result=StageResult(
+                           run_dir=ccfg.run_dir, artifacts={"classifier_validation": Path(plot)}))
+
+
+CLASSIFIER_KEYS = ("classifier.", "diffusion.schedule", "diffusion.num_timesteps",
+                   "distributed.num_workers")
+
+
+TRAIN_KEYS = ("model.", "diffusion.", "train.", "cbdm.", "data.augment",
+              "distributed.num_workers")
+
+
+def diffusion_stages(sample_inputs: dict[str, str] | None = None,
+                     extra: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+    """data -> train -> [extra stages] -> sample -> evaluate; ``sample_inputs`` adds inputs of
+    the sample stage (e.g. a guidance classifier's checkpoint)."""
+    from debiaslab.recipes import Stage
+
+    return (
+        Stage("data", data_stage, outputs={"dataset": "dataset"}, keys=("data.",),
+              description="build the (imbalanced) dataset"),
+        Stage("train", train_stage, inputs={"dataset": "dataset"},
+              outputs={"score_model": "checkpoint"}, keys=TRAIN_KEYS,
+              description="train the score model"),
+        *extra,
+        Stage("sample", sample_stage,
+              inputs={"score_model": "checkpoint", **(sample_inputs or {})},
+              outputs={"samples": "samples"}, keys=("sample.",),
+              description="sample with every configured sampler and guidance"),
+        Stage("evaluate", evaluate_stage, inputs={"samples": "samples"},
+              outputs={"evaluation": "evaluation"}, keys=("metrics.",),
+              description="quality, fairness and minority metrics against the reference"),
+    )
+
+
+def classifier_stage_spec() -> Any:
+    """The auxiliary classifier stage (noisy images or a feature table; Ray Train by default):
+    dataset -> checkpoint ``classifier``, run ``<name>.classifier``."""
+    from debiaslab.recipes import Stage
+
+    return Stage("classifier", classifier_stage, inputs={"dataset": "dataset"},
+                 outputs={"classifier": "checkpoint"}, keys=CLASSIFIER_KEYS, backend="ray",
+                 run_suffix="classifier",
+                 description="train the auxiliary classifier of cfg.classifier")
+
+
 # ------------------------------------------------------------------------------------ whole run
 
 
@@ -395,7 +560,7 @@ def run_tags(cfg: ExperimentConfig) -> dict[str, str]:
     from debiaslab.compare import GROUP_TAG, METHOD_TAG, SEED_TAG
 
     return {GROUP_TAG: cfg.tracking.group or cfg.name, SEED_TAG: str(cfg.train.seed),
-            METHOD_TAG: cfg.diffusion.loss}
+            METHOD_TAG: cfg.recipe}
 
 
 def seed_configs(cfg_path: str | None, overrides: list[str], seeds: list[int]
@@ -409,48 +574,31 @@ def seed_configs(cfg_path: str | None, overrides: list[str], seeds: list[int]
                                    f"tracking.group={group}"]) for s in seeds]
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResult:
-    """data build -> train -> sample (+ plots), all recorded in one MLflow run."""
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, stages: Any = (),
+                   force: bool = False) -> StageResult:
+    """Run the config's recipe (or only ``stages``): one MLflow parent run, a child per stage,
+    stages whose inputs are unchanged skipped. Holds the run folder's lock throughout."""
+    from debiaslab.recipes import run_recipe
     from debiaslab.runlock import run_lock
 
+    def preflight(c: ExperimentConfig) -> None:
+        if not stages or "train" in stages:
+            if (train_data_path(c) / "dataset.json").is_file():
+                check_resumable(c)  # before an MLflow run records a config that won't apply
+
     with run_lock(cfg.run_dir):
-        build_data(cfg)
-        check_resumable(cfg)  # before an MLflow run records a config that would not apply
-        return _run_experiment(cfg, progress=progress)
-
-
-def _run_experiment(cfg: ExperimentConfig, *, progress: bool = True) -> StageResult:
-    from debiaslab.report import class_count_figure, save_figure
-    from debiaslab.tracking import Tracker
-
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tracker_cm = (Tracker(cfg.output_dir, cfg.tracking.experiment,
-                          cfg.tracking.run_name or cfg.name, tags=run_tags(cfg))
-                  if cfg.tracking.enabled else None)
-    if tracker_cm is None:
-        result = train(cfg, progress=progress)
-        sampled = sample(cfg, result.checkpoint, progress=progress)
-        result.artifacts.update(sampled.artifacts)
-        result.metrics.update(sampled.metrics)
-        evaluate_run(cfg, result, progress=progress)
-        return result
-    with tracker_cm as tracker:
-        tracker.log_config(to_dict(cfg))
-        result = train(cfg, tracker=tracker, progress=progress)
-        sampled = sample(cfg, result.checkpoint, tracker=tracker, progress=progress)
-        result.artifacts.update(sampled.artifacts)
-        result.metrics.update(sampled.metrics)
-        dataset = load_training_data(cfg)
-        fig = class_count_figure(dict(zip(dataset.class_names, dataset.class_counts())),
-                                 title=f"{cfg.name}: training images per class")
-        plot = run_dir / "class_counts.png"
-        save_figure(fig, plot)
-        tracker.log_artifact(plot, "plots")
-        result.artifacts["class_counts"] = plot
-        evaluate_run(cfg, result, tracker=tracker, progress=progress)
-        tracker.log_metrics(result.metrics, step=cfg.train.steps)
-        result.mlflow_run_id = tracker.run_id
+        done = run_recipe(cfg, only=stages, force=force, progress=progress,
+                          parent_tags=run_tags(cfg), before=preflight)
+    result = StageResult(run_dir=cfg.run_dir, mlflow_run_id=done.mlflow_run_id,
+                         metrics=dict(done.metrics))
+    for output in done.stages.values():
+        part = output.result
+        if isinstance(part, StageResult):
+            result.checkpoint = part.checkpoint or result.checkpoint
+            result.artifacts.update(part.artifacts)
+            result.evaluations.update(part.evaluations)
+    if "score_model" in done.outputs and result.checkpoint is None:
+        result.checkpoint = Path(done.outputs["score_model"].path)
     return result
 
 
@@ -471,3 +619,23 @@ def evaluate_run(cfg: ExperimentConfig, result: StageResult, *, tracker: Any = N
     log(f"evaluation ({extractor.name} features vs "
         f"{next(iter(result.evaluations.values())).meta['reference_name']}):\n"
         + format_table(rows, EVAL_TABLE_COLUMNS))
+
+
+# ------------------------------------------------------------------------------------ sweeps
+
+
+def trial_ops() -> Any:
+    """The stage functions Tune trials run (handed to distributed.sweep, which never imports
+    this module)."""
+    from debiaslab.distributed.sweep import TrialOps
+
+    return TrialOps(train=train, sample=sample, evaluate_samples=evaluate_samples,
+                    build_metric_extractor=build_metric_extractor, reference_path=reference_path)
+
+
+def run_sweep(sweep_file: str | Path, overrides: list[str] | None = None, *,
+              progress: bool = True) -> Any:
+    """Run (or resume) a Ray Tune + Optuna sweep (distributed.sweep.run_sweep)."""
+    from debiaslab.distributed.sweep import run_sweep as tune_sweep
+
+    return tune_sweep(sweep_file, overrides, ops=trial_ops(), progress=progress)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from debiaslab.config import (
-    ExperimentConfig, _from_dict, check_name, apply_overrides, from_dict, load_config, load_yaml, validate,
+    ExperimentConfig, _from_dict, check_name, apply_overrides, from_dict, load_config, load_yaml,
+    set_path, validate,
 )
 from debiaslab.errors import ConfigError
 
@@ -142,11 +143,7 @@ def trial_config(sweep: SweepConfig, values: dict[str, Any], name: str) -> Exper
     overrides = [*sweep.overrides, f"name={name}"]
     raw = apply_overrides(dict(sweep.base_raw), overrides)
     for path, value in values.items():
-        node = raw
-        keys = path.split(".")
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
+        set_path(raw, path, value, f"params.{path}")
     cfg = from_dict(raw)
     validate(cfg)
     return cfg

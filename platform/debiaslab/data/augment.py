@@ -1,5 +1,5 @@
 """Training-time augmentations keyed by ``data.augment``: "none", "hflip" and "ada", the k-diffusion
-"Karras" non-leaking augmentation with its 9-dim conditioning vector (ALGORITHMS.md §4.4).
+"Karras" non-leaking augmentation with its 9-dim conditioning vector (docs/algorithms.md §4.4).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class NoAugment:
 @AUGMENTS.register("hflip")
 class HFlip:
     """Random horizontal flip with probability 1/2 per sample (CBDM without --augm:
-    RandomHorizontalFlip, ALGORITHMS.md §4.4). Draws exactly ``torch.rand(B, generator) < 0.5``,
+    RandomHorizontalFlip, docs/algorithms.md §4.4). Draws exactly ``torch.rand(B, generator) < 0.5``,
     as the training loop's ``make_batch`` does, and flips the width axis where true."""
 
     aug_dim: ClassVar[int] = 0
@@ -156,7 +156,7 @@ class KarrasParams:
 class KarrasAugment:
     """Karras et al. 2022 (EDM, App. non-leaking augmentation) as implemented by k-diffusion's
     ``KarrasAugmentationPipeline`` (crowsonkb/k-diffusion, k_diffusion/augmentation.py) and used by
-    CBDM (Qin et al., CVPR 2023; utils/augmentation.py): ALGORITHMS.md §4.4.
+    CBDM (Qin et al., CVPR 2023; utils/augmentation.py): docs/algorithms.md §4.4.
 
     Per sample, in k-diffusion's draw order: x-flip a0 ~ Bernoulli(1/2) always; then, each with
     probability ``a_prob``: y-flip a1 ~ Bernoulli(1/2) (so a y-flip happens with a_prob/2),

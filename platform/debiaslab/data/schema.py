@@ -1,5 +1,6 @@
 """The one Parquet shard schema shared by every dataset, its `dataset.json` manifest, the content
-hash, and an atomic writer (shards + manifest go to a temp sibling folder, then are renamed in)."""
+hash, an atomic writer (shards + manifest go to a temp sibling folder, then are renamed in) and
+N-D tensor columns (fixed-size lists with their shape in the field metadata)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from debiaslab.errors import DataError
+from debiaslab.errors import ConfigError, DataError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "dataset.json"
@@ -32,6 +33,10 @@ SUPPORTED_CHANNELS = (1, 3)
 SCHEMA_METADATA_KEY = b"debiaslab"
 HASH_DOMAIN = b"debiaslab-rows-v1"
 _LEN_BYTES = 8  # length prefixes in the row digest are unsigned 64-bit little endian
+TENSOR_SHAPE_KEY = b"shape"  # field metadata of a tensor column: its per-row shape as JSON
+TENSOR_DTYPE_KEY = b"dtype"  # ... and its numpy dtype name
+TENSOR_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32",
+                 "uint64", "float16", "float32", "float64")
 
 SCHEMA = pa.schema(
     [
@@ -174,6 +179,108 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
         img = img.convert("L" if channels == 1 else "RGB")
         array = np.asarray(img, dtype=np.uint8)
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------------- tensor columns
+
+
+def _tensor_dtype(dtype: str | np.dtype | type, where: str) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved.name not in TENSOR_DTYPES:
+        raise ConfigError(f"{where}: dtype {dtype!r} is not supported; use one of "
+                          f"{', '.join(TENSOR_DTYPES)}")
+    return resolved
+
+
+def tensor_field(name: str, shape: Sequence[int], dtype: str | np.dtype | type = "float32"
+                 ) -> pa.Field:
+    """A non-null N-D tensor column: each row is a fixed_size_list of its C-order flattened
+    values; the per-row `shape` and the dtype are kept in the field metadata."""
+    dims = tuple(int(d) for d in shape)
+    if not dims or any(d < 1 for d in dims):
+        raise ConfigError(f"tensor column {name!r}: shape must be non-empty with sizes >= 1, "
+                          f"got {list(shape)} (use a plain field for one value per row)")
+    resolved = _tensor_dtype(dtype, f"tensor column {name!r}")
+    metadata = {TENSOR_SHAPE_KEY: json.dumps(list(dims)).encode("utf-8"),
+                TENSOR_DTYPE_KEY: resolved.name.encode("utf-8")}
+    value_type = pa.from_numpy_dtype(resolved)
+    return pa.field(name, pa.list_(value_type, int(np.prod(dims))), nullable=False,
+                    metadata=metadata)
+
+
+def column_field(name: str, dtype: str | np.dtype | type, shape: Sequence[int] = ()) -> pa.Field:
+    """A non-null numeric column: a plain field for one value per row (`shape` ()), else a
+    tensor_field."""
+    if tuple(shape):
+        return tensor_field(name, shape, dtype)
+    resolved = _tensor_dtype(dtype, f"column {name!r}")
+    return pa.field(name, pa.from_numpy_dtype(resolved), nullable=False)
+
+
+def tensor_shape(field: pa.Field) -> tuple[int, ...] | None:
+    """The per-row shape of a fixed_size_list field (from its metadata, else (list size,)),
+    None for any other field."""
+    if not pa.types.is_fixed_size_list(field.type):
+        return None
+    raw = (field.metadata or {}).get(TENSOR_SHAPE_KEY)
+    if raw is None:
+        return (field.type.list_size,)
+    try:
+        dims = tuple(int(d) for d in json.loads(raw))
+    except (ValueError, TypeError):
+        dims = ()
+    if not dims or int(np.prod(dims)) != field.type.list_size:
+        raise DataError(one_line(
+            f"tensor column {field.name!r}: shape metadata {raw!r} does not match its "
+            f"{field.type.list_size} values per row; rewrite the column"))
+    return dims
+
+
+def tensor_to_arrow(values: Any, field: pa.Field) -> pa.FixedSizeListArray:
+    """The Arrow column of tensor `field` from a numpy array [N, *shape] (floats are cast to
+    the field's dtype; a shape or kind mismatch is a DataError naming the column)."""
+    shape = tensor_shape(field)
+    if shape is None:
+        raise ConfigError(f"column {field.name!r}: {field.type} is not a tensor field")
+    array = np.asarray(values)
+    dtype = np.dtype(field.type.value_type.to_pandas_dtype())
+    if array.ndim < 1 or array.shape[1:] != shape:
+        dims = ", ".join(map(str, shape))
+        raise DataError(f"column {field.name!r}: expected an array [N, {dims}], got shape "
+                        f"{list(array.shape)}; fix the mapper output")
+    if array.dtype != dtype and not np.can_cast(array.dtype, dtype, casting="same_kind"):
+        raise DataError(f"column {field.name!r}: {array.dtype} values cannot be stored as "
+                        f"{dtype}; return {dtype} (or a same-kind dtype)")
+    flat = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), field.type.list_size)
+
+
+def tensor_from_arrow(column: pa.Array | pa.ChunkedArray, field: pa.Field) -> np.ndarray:
+    """A numpy array [N, *shape] in the stored dtype from a tensor column."""
+    shape = tensor_shape(field)
+    if shape is None:
+        raise ConfigError(f"column {field.name!r}: {field.type} is not a tensor field")
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array(
+            [], type=field.type)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(column), *shape)
+
+
+def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
+    """Every column of `table` as numpy: tensor fields as [N, *shape] arrays, strings as
+    object arrays, numbers in their stored dtype."""
+    out: dict[str, np.ndarray] = {}
+    for field in table.schema:
+        column = table.column(field.name)
+        if tensor_shape(field) is not None:
+            out[field.name] = tensor_from_arrow(column, field)
+        else:
+            out[field.name] = column.to_numpy(zero_copy_only=False)
+    return out
 
 
 # ---------------------------------------------------------------------------------- hashing

@@ -28,6 +28,19 @@ class Denoiser:
     def __call__(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         raise NotImplementedError
 
+    def mean_shift(self, x_t: Tensor, t: Tensor, variance: Tensor, **cond: Any) -> Tensor | None:
+        """Shift of the ancestral (DDPM) step's mean, or None for no shift (the default).
+
+        Guidance components that act on the ancestral mean instead of on eps override it:
+        Dhariwal & Nichol 2021, Algorithm 1 (guided-diffusion's ``condition_mean``),
+        mu' = mu + s Sigma grad_{x_t} log p(y | x_t), returns s * variance * grad. ``x_t`` is the
+        state before the step, ``t`` [B] its original timestep indices, ``variance`` the
+        per-sample variance of the step's noise as a tensor broadcastable to x_t ([B, 1, 1, 1];
+        0 at the last fixed_small step). The ``ddpm`` sampler calls it at every step, inside
+        torch.no_grad() (take gradients under torch.enable_grad(), like ClassifierGuidance).
+        """
+        return None
+
     def x0(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         """Tweedie estimate x0_hat = (x_t - sigma_t eps_hat) / alpha_t."""
         a, s = self.schedule.alpha_sigma(t, x_t)

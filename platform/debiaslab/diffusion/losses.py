@@ -1,7 +1,8 @@
 """Denoising losses. Each returns a per-sample vector [B]; only the training loop reduces it.
 
-A loss also owns its noise-level distribution (``sample_noise_level``) and knows how to wrap a
-trained network as a sampling :class:`~debiaslab.diffusion.denoiser.Denoiser`.
+A loss also owns its noise-level distribution (``sample_noise_level``), knows how to wrap a
+trained network as a sampling :class:`~debiaslab.diffusion.denoiser.Denoiser`, and may hold frozen
+pretrained modules (``frozen_modules``) that the trainer keeps out of training and checkpoints.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class DiffusionLoss:
         """The module that is trained (e.g. EDM preconditioning around the raw network)."""
         return net
 
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Pretrained modules this loss evaluates but never trains (e.g. TIW-DSM's time-dependent
+        discriminator). The trainer moves them to its device, sets ``requires_grad_(False)`` and
+        ``eval()``, and keeps them out of DDP, the optimizer, the EMA and the checkpoint: the loss
+        must rebuild them from its config (e.g. load their own checkpoint) in ``from_config``."""
+        return {}
+
     def setup(self, class_counts: Tensor, null_label: int | None) -> None:
         """Called once by the trainer with the training set's per-class counts and the
         network's null label (None for an unconditional network)."""
@@ -52,6 +60,14 @@ class DiffusionLoss:
 
     def denoiser(self, model: nn.Module) -> Denoiser:
         raise NotImplementedError
+
+    @classmethod
+    def sampling_model(cls, cfg: Any, net: nn.Module) -> tuple[nn.Module, Denoiser]:
+        """(the module whose weights a checkpoint holds, its sampling denoiser) for a raw
+        network, WITHOUT building the loss: sampling never constructs training-only state such
+        as frozen modules. Default: the VP eps/x0/v parameterization of ``cfg.diffusion``."""
+        d = cfg.diffusion
+        return net, VPDenoiser(net, build_schedule(d.schedule, d.num_timesteps), d.target)
 
 
 @LOSSES.register("denoising")
@@ -132,10 +148,15 @@ class EDMLoss(DiffusionLoss):
         precond = model if isinstance(model, EDMPrecond) else EDMPrecond(model, self.sigma_data)
         return EDMDenoiser(precond, self.schedule)
 
+    @classmethod
+    def sampling_model(cls, cfg: Any, net: nn.Module) -> tuple[nn.Module, Denoiser]:
+        d = cfg.diffusion
+        precond = EDMPrecond(net, d.sigma_data)
+        return precond, EDMDenoiser(precond, build_schedule(d.schedule, d.num_timesteps))
+
 
 def build_loss(cfg: Any) -> DiffusionLoss:
     """Build the configured loss of an ExperimentConfig (``diffusion.loss`` names a LOSSES
-    entry; method losses read their own config section, e.g. ``cbdm``)."""
-    import debiaslab.methods  # noqa: F401  (method modules register their losses/weightings)
-
+    entry; method losses read their own config section, e.g. ``cbdm``). Method losses are
+    registered when ``debiaslab.methods`` is imported (the trainer and sampling do)."""
     return LOSSES.get(cfg.diffusion.loss).from_config(cfg)

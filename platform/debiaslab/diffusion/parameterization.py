@@ -1,4 +1,4 @@
-"""Prediction targets eps, x0 and v, with exact conversions (ALGORITHMS.md §5.1).
+"""Prediction targets eps, x0 and v, with exact conversions (docs/algorithms.md §5.1).
 
 With x_t = a x0 + s eps (a = alpha_t, s = sigma_t, a^2 + s^2 = 1) and v = a eps - s x0
 (Salimans & Ho 2022, Eq. 11-12):
@@ -22,7 +22,7 @@ class Target:
     """A prediction target: how to build it, and how to turn a prediction of it into eps / x0.
 
     ``eps_error_factor(snr)`` is the factor f with ||eps - eps_hat||^2 = f(SNR) ||y - y_hat||^2 for
-    this target y, the identity that makes weightings comparable across targets (ALGORITHMS §5.2).
+    this target y, the identity that makes weightings comparable across targets (docs/algorithms.md §5.2).
     """
 
     name: str

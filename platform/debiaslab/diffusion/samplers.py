@@ -1,7 +1,8 @@
 """Samplers: pure functions with one signature, registered in ``SAMPLERS`` (STYLE.md item 5).
 
-``x0 = sampler(denoiser, seeds, shape, steps=..., cond=..., device=..., progress=..., **options)``.
-Guidance wraps the denoiser (guidance.py); VP samplers call it with ORIGINAL timestep indices.
+``x0 = sampler(denoiser, seeds, shape, steps=..., cond=..., device=..., progress=..., callback=...,
+**options)``. Guidance wraps the denoiser (guidance.py); VP samplers call it with ORIGINAL timestep
+indices. ``callback`` (k-diffusion's per-step hook) sees each step's state; see ``StepCallback``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from debiaslab.registry import Registry
 SamplerFn = Callable[..., Tensor]
 SAMPLERS: Registry[SamplerFn] = Registry("sampler")
 
-COMMON_ARGS = ("denoiser", "seeds", "shape", "steps", "cond", "device", "progress")
+StepCallback = Callable[[dict[str, Any]], Any]
+"""k-diffusion's per-step hook: called after every step with a dict
+``{"i": step index (0 = first), "t": original timestep index (int) of the step's denoiser call for
+the VP samplers, sigma_i (float) for edm_heun, "x": the state after the step, "denoised": the x0
+estimate the step used}``. It only observes: it must not modify the tensors in place, and its return
+value is ignored by the samplers (``inversion.ddim_invert`` keeps it)."""
+
+COMMON_ARGS = ("denoiser", "seeds", "shape", "steps", "cond", "device", "progress", "callback")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 CLIP_X0_RANGE = 1.0  # data lives in [-1, 1]; VP samplers clip x0_hat to it by default (clip_x0)
 EDM_SIGMA_MIN = 0.002  # Karras et al. 2022, Table 1 (VP/VE/EDM sampling defaults)
@@ -95,6 +103,7 @@ def ddpm(
     cond: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    callback: StepCallback | None = None,
     spacing: str = "leading",
     variance: str = "fixed_small",
     clip_x0: bool = True,
@@ -111,6 +120,9 @@ def ddpm(
       var = (1 - abar'_{i-1})/(1 - abar'_i) beta'_i ("fixed_small") or beta'_i ("fixed_large",
       whose lowest step uses the next step's posterior variance, like guided-diffusion).
     x_{i-1} = mu + sqrt(var) z, with no noise at the last step.
+    Guidance acting on the ancestral mean (Dhariwal & Nichol 2021, Algorithm 1, guided-diffusion's
+    ``condition_mean``) enters through ``denoiser.mean_shift(x_i, t_i, var)``: when it returns a
+    tensor, mu <- mu + shift before the noise is added (at every step, the last included).
     """
     if variance not in DDPM_VARIANCES:
         raise ConfigError(f"unknown ddpm variance {variance!r}; allowed: "
@@ -132,14 +144,21 @@ def ddpm(
     with torch.no_grad():
         x = noise.draw()
         for i in _steps(len(ts), progress, "ddpm"):
-            eps = denoiser(x, _timestep_batch(ts[i], len(x), dev), **cond)
+            t_batch = _timestep_batch(ts[i], len(x), dev)
+            eps = denoiser(x, t_batch, **cond)
             a_t = float(abar[i])
             x0 = (x - math.sqrt(1.0 - a_t) * eps) / math.sqrt(a_t)
             if clip_x0:
                 x0 = x0.clamp(-CLIP_X0_RANGE, CLIP_X0_RANGE)
-            x = float(coef_x0[i]) * x0 + float(coef_xt[i]) * x
+            mu = float(coef_x0[i]) * x0 + float(coef_xt[i]) * x
+            var_i = torch.full((len(x),) + (1,) * (x.ndim - 1), float(var[i]), dtype=x.dtype,
+                               device=x.device)
+            shift = denoiser.mean_shift(x, t_batch, var_i, **cond)
+            x = mu if shift is None else mu + shift
             if i < len(ts) - 1:
                 x = x + math.sqrt(float(var[i])) * noise.draw()
+            if callback is not None:
+                callback({"i": i, "t": int(ts[i]), "x": x, "denoised": x0})
     return x
 
 
@@ -153,11 +172,12 @@ def ddim(
     cond: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    callback: StepCallback | None = None,
     eta: float = 0.0,
     spacing: str = "leading",
     clip_x0: bool = True,
 ) -> Tensor:
-    """DDIM, Song et al. 2021 Eq. 12 (ALGORITHMS.md §3.2), from t_N down to abar = 1:
+    """DDIM, Song et al. 2021 Eq. 12 (docs/algorithms.md §3.2), from t_N down to abar = 1:
       x0_hat = (x_t - sqrt(1 - abar_t) eps)/sqrt(abar_t),
       sigma_t = eta sqrt((1 - abar_t/abar_n)(1 - abar_n)/(1 - abar_t)),
       x_n = sqrt(abar_n) x0_hat + sqrt(1 - abar_n - sigma_t^2) eps + sigma_t z.
@@ -186,6 +206,8 @@ def ddim(
             x = math.sqrt(a_n) * x0 + math.sqrt(max(1.0 - a_n - sigma**2, 0.0)) * eps
             if eta > 0:
                 x = x + sigma * noise.draw()
+            if callback is not None:
+                callback({"i": i, "t": int(ts[i]), "x": x, "denoised": x0})
     return x
 
 
@@ -199,6 +221,7 @@ def dpmpp_2m(
     cond: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    callback: StepCallback | None = None,
     clip_x0: bool = True,
 ) -> Tensor:
     """DPM-Solver++(2M), Lu et al. 2022 ("DPM-Solver++"), Algorithm 2 (data prediction,
@@ -214,7 +237,7 @@ def dpmpp_2m(
       D_i = x0_i + 1/(2 r_i) (x0_i - x0_{i-1})            (D_i = x0_i at the first step)
       x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i.
     The final step (to sigma = 0) is first order and returns x0_hat. Deterministic after x_T.
-    Clipping is the plain x0 clip of ALGORITHMS.md (guided-diffusion's clip_denoised) applied to the
+    Clipping is the plain x0 clip of docs/algorithms.md (guided-diffusion's clip_denoised) applied to the
     data prediction the solver extrapolates; it equals diffusers' ``thresholding=True`` with
     ``sample_max_value=1.0`` (the dynamic threshold s is clamped to [1, 1], so x0 -> clamp(x0)/1).
     """
@@ -246,6 +269,8 @@ def dpmpp_2m(
                 x = (float(sigma[i + 1]) / float(sigma[i])) * x \
                     - float(alpha[i + 1]) * math.expm1(-h) * D
             x0_prev = x0
+            if callback is not None:
+                callback({"i": i, "t": int(ts[i]), "x": x, "denoised": x0})
     return x
 
 
@@ -263,6 +288,7 @@ def edm_heun(
     cond: dict[str, Any] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    callback: StepCallback | None = None,
     sigma_min: float = EDM_SIGMA_MIN,
     sigma_max: float = EDM_SIGMA_MAX,
     rho: float = EDM_RHO,
@@ -279,7 +305,8 @@ def edm_heun(
       x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat) d_i, and, unless sigma_{i+1} = 0, the Heun
       correction x_{i+1} = x_hat + (sigma_{i+1} - sigma_hat)(d_i + d'_i)/2, d'_i at x_{i+1}.
     x_N = sigma_max z; returns x at sigma = 0 (where VE and VP coincide). With S_churn > 0 one
-    noise draw per step (NVlabs/edm's order).
+    noise draw per step (NVlabs/edm's order). ``callback`` gets t = sigma_i, x in VE units and
+    denoised = D(x_hat; sigma_hat), the first evaluation (k-diffusion's ``sample_heun``).
     No x0 clipping, like NVlabs/edm (TIW-DSM's sampler): this sampler has no ``clip_x0`` option, and
     ``sampling.generate`` does not pass the config-level ``sample.clip_x0`` to it.
     """
@@ -305,11 +332,14 @@ def edm_heun(
             if S_churn > 0:
                 z = noise.draw()
                 x_hat = x + math.sqrt(s_hat**2 - s_cur**2) * S_noise * z
-            d = (x_hat - D(x_hat, s_hat)) / s_hat
+            denoised = D(x_hat, s_hat)
+            d = (x_hat - denoised) / s_hat
             x = x_hat + (s_next - s_hat) * d
             if s_next > 0:
                 d_prime = (x - D(x, s_next)) / s_next
                 x = x_hat + (s_next - s_hat) * (0.5 * d + 0.5 * d_prime)
+            if callback is not None:
+                callback({"i": i, "t": s_cur, "x": x, "denoised": denoised})
     return x
 
 
@@ -334,6 +364,7 @@ def sample(
     batch_size: int | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
+    callback: StepCallback | None = None,
     **options: Any,
 ) -> Tensor:
     """Run sampler ``name`` over ``seeds`` in batches of ``batch_size`` (default: one batch).
@@ -341,6 +372,7 @@ def sample(
     Per-sample seeds make each image independent of the batching, except under guidance that
     couples a batch (e.g. distribution guidance). Tensors in ``cond`` whose leading dimension is
     len(seeds) are per-sample and split with the seeds; other values are passed to every batch.
+    ``callback`` is passed to every batch's run (its step index "i" restarts at 0 per batch).
     """
     fn = SAMPLERS.get(name)
     allowed = sampler_options(name)
@@ -363,5 +395,5 @@ def sample(
         part_cond = {k: v[part] if isinstance(v, Tensor) and v.ndim and len(v) == n else v
                      for k, v in cond.items()}
         out.append(fn(denoiser, seeds[part], shape, steps=steps, cond=part_cond, device=device,
-                      progress=progress, **options))
+                      progress=progress, callback=callback, **options))
     return torch.cat(out)

@@ -1,6 +1,6 @@
 """Noise schedules: discrete VP (linear, cosine) with timestep respacing, and EDM sigmas.
 
-Conventions (ALGORITHMS.md §0): x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(abar_t),
+Conventions (docs/algorithms.md §0): x_t = alpha_t x0 + sigma_t eps with alpha_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t); SNR_t = abar_t / (1 - abar_t); the EDM/VE noise level of step t is
 sigma_edm(t) = sigma_t / alpha_t = sqrt(1/SNR_t), and x_ve = x_t / alpha_t.
 """

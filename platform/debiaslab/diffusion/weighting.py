@@ -1,4 +1,4 @@
-"""Timestep loss weightings, multiplied onto a per-sample loss vector (ALGORITHMS.md §5.2).
+"""Timestep loss weightings, multiplied onto a per-sample loss vector (docs/algorithms.md §5.2).
 
 Every weighting is defined by its weight lambda(SNR) on the eps-prediction error
 ||eps - eps_hat||^2. For another target y the *equivalent* weight is lambda(SNR) f_y(SNR), with
@@ -50,7 +50,7 @@ class Constant(Weighting):
 @WEIGHTINGS.register("snr")
 @dataclass
 class SNRWeighting(Weighting):
-    """lambda_t = 1/SNR_t on the eps error, i.e. the constant-weight x0 loss (ALGORITHMS §5.2)."""
+    """lambda_t = 1/SNR_t on the eps error, i.e. the constant-weight x0 loss (docs/algorithms.md §5.2)."""
 
     def eps_weight(self, snr: Tensor) -> Tensor:
         return 1.0 / snr

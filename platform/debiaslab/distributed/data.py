@@ -1,8 +1,10 @@
 """Ray Data jobs over our Parquet shards: a generic actor-pool map job with a fixed output schema
-and atomic output folders, used for metric-feature extraction and seed-range sampling."""
+(N-D tensor columns included) and atomic, sorted output folders, used for metric features,
+seed-range sampling and side tables."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -11,7 +13,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +36,16 @@ from debiaslab.data.schema import (
     encode_png,
     read_manifest,
     table_digests,
+    table_to_numpy,
+    tensor_to_arrow,
     write_json,
+)
+from debiaslab.data.side_tables import (
+    SIDE_MANIFEST_NAME,
+    check_name,
+    finalize_side_table,
+    side_table_columns,
+    side_table_path,
 )
 from debiaslab.errors import ConfigError, DataError
 
@@ -53,6 +64,16 @@ PIXEL_HALF_RANGE = 127.5  # [-1, 1] -> uint8 via round((x + 1) * 127.5)
 PIXEL_MAX = 255
 PIXELS = "pixels"  # decoded uint8 [N, C, H, W] column of read_images(decode=True)
 _TASK_FILE = re.compile(r"^task-(\d+)-(\d+)\.parquet$")
+# Normalizing the output (an external merge sort in the driver; memory does not grow with it)
+SORT_BUFFER_BYTES = 4 * 2**20  # rows sorted in memory at once (runs of about this size)
+MERGE_BUFFER_BYTES = 4 * 2**20  # read buffers of all runs merged at once, together
+MERGE_FAN_IN = 64  # runs merged at once; more take several passes
+MIN_MERGE_BATCH_ROWS = 64  # rows read at a time from a run, at least
+TASK_ROW_GROUP_BYTES = 2**20  # Ray's task files: row groups of about this size (estimated)
+VARIABLE_WIDTH_BYTES = 64  # per-row size assumed for a string / binary / list field
+ROW_GROUP_ROWS = 1024  # output Parquet row groups (fixed, so the bytes do not depend on layout)
+SORT_RUNS_DIR = ".sort-runs"  # run files, inside the job's temp folder
+RUN_FILE_OPTIONS = {"compression": "none", "use_dictionary": False}  # temporary: write fast
 
 FEATURES_SCHEMA = pa.schema(
     [
@@ -145,14 +166,18 @@ def read_images(path: str | os.PathLike[str], *, columns: list[str] | None = Non
 
 def to_arrow(columns: dict[str, Any], schema: pa.Schema) -> pa.Table:
     """An Arrow table in exactly `schema` from mapper output (numpy arrays or lists; a 2-D
-    array for a list<...> field becomes one list per row)."""
+    array for a list<...> field becomes one list per row; an [N, *shape] array for a
+    ``tensor_field`` becomes its fixed-size-list column)."""
     missing = [f.name for f in schema if f.name not in columns]
     if missing:
         raise DataError(f"mapper output lacks columns {missing}; schema wants {schema.names}")
     arrays = []
     for field in schema:
         value = columns[field.name]
-        if pa.types.is_list(field.type) and isinstance(value, np.ndarray) and value.ndim == 2:
+        if pa.types.is_fixed_size_list(field.type) and isinstance(value, np.ndarray) and (
+                value.ndim >= 2):
+            arrays.append(tensor_to_arrow(value, field))
+        elif pa.types.is_list(field.type) and isinstance(value, np.ndarray) and value.ndim == 2:
             rows, width = value.shape
             flat = np.ascontiguousarray(value).reshape(-1)
             offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * width)
@@ -202,30 +227,209 @@ def _filename_provider() -> Any:
 
 def _check_replaceable(target: Path) -> None:
     if target.exists() and not (
-        target.is_dir() and (not any(target.iterdir()) or (target / JOB_MANIFEST_NAME).is_file()
-                             or (target / MANIFEST_NAME).is_file())
+        target.is_dir() and (not any(target.iterdir()) or any(
+            (target / marker).is_file()
+            for marker in (JOB_MANIFEST_NAME, MANIFEST_NAME, SIDE_MANIFEST_NAME)))
     ):
         raise data_error(target, "exists and is not a debiaslab job output; refusing to replace it")
 
 
+def _conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.Table:
+    """`batch` as a table in exactly `schema` (Ray may drop field metadata or nullability)."""
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    return table.select(schema.names).cast(schema)
+
+
+def _row_bytes(files: list[Path]) -> int:
+    """Mean uncompressed bytes per row of Parquet `files` (from their footers; at least 1)."""
+    rows = size = 0
+    for path in files:
+        meta = pq.read_metadata(path)
+        rows += meta.num_rows
+        size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return max(1, math.ceil(size / max(rows, 1)))
+
+
+def _schema_row_bytes(schema: pa.Schema) -> int:
+    """Bytes per row of `schema` (fixed-width fields exactly, others VARIABLE_WIDTH_BYTES)."""
+    total = 0
+    for field in schema:
+        kind = field.type
+        width = kind.list_size if pa.types.is_fixed_size_list(kind) else 1
+        kind = kind.value_type if pa.types.is_fixed_size_list(kind) else kind
+        try:
+            total += width * max(1, kind.bit_width // 8)
+        except ValueError:  # not fixed width
+            total += VARIABLE_WIDTH_BYTES
+    return max(1, total)
+
+
+def _row_groups(path: Path, schema: pa.Schema) -> Iterator[pa.Table]:
+    """The row groups of a Parquet file one at a time, in `schema` (``iter_batches`` reads
+    ahead most of the file on its first call; this holds one row group)."""
+    reader = pq.ParquetFile(path)
+    for index in range(reader.num_row_groups):
+        yield _conform(reader.read_row_group(index), schema)
+
+
+def _sorted_runs(files: list[Path], runs_dir: Path, schema: pa.Schema, sort_key: str,
+                 run_rows: int, batch_rows: int) -> list[Path]:
+    """Read `files` a row group at a time, sort each `run_rows` (or a row group more) rows by
+    `sort_key` and write them as a run file (row groups of `batch_rows`); deletes the inputs."""
+    runs: list[Path] = []
+    chunks: list[pa.Table] = []
+
+    def flush() -> None:
+        table = pa.concat_tables(chunks)
+        table = table.take(pc.sort_indices(table, sort_keys=[(sort_key, "ascending")]))
+        runs.append(runs_dir / f"run-{len(runs):06d}.parquet")
+        pq.write_table(table, runs[-1], row_group_size=batch_rows, **RUN_FILE_OPTIONS)
+        chunks.clear()
+
+    for path in files:
+        for group in _row_groups(path, schema):
+            chunks.append(group)
+            if sum(c.num_rows for c in chunks) >= run_rows:
+                flush()
+        path.unlink()
+    if chunks:
+        flush()
+    return runs
+
+
+def _merge_runs(runs: list[Path], schema: pa.Schema, sort_key: str) -> Iterator[pa.Table]:
+    """k-way merge of sorted run files (written in small row groups): yields sorted
+    tables, holding one row group of each run (plus what one step emits) in memory.
+
+    Each step emits every buffered row whose key is <= the smallest last key of the buffers
+    (no unread row can sort before it), so the buffer holding that key empties and is refilled.
+    """
+    readers = [_row_groups(run, schema) for run in runs]
+    buffers: list[pa.Table | None] = [None] * len(runs)
+    done = [False] * len(runs)
+    while True:
+        for i, reader in enumerate(readers):
+            while not done[i] and (buffers[i] is None or buffers[i].num_rows == 0):
+                batch = next(reader, None)
+                done[i] = batch is None
+                buffers[i] = batch
+        live = [i for i, b in enumerate(buffers) if b is not None]
+        if not live:
+            return
+        bound = min(buffers[i].column(sort_key)[-1].as_py() for i in live)
+        pieces = []
+        for i in live:
+            keys = buffers[i].column(sort_key)
+            take = pc.sum(pc.less_equal(keys, pa.scalar(bound, keys.type))).as_py() or 0
+            if take:
+                pieces.append(buffers[i].slice(0, take))
+                buffers[i] = buffers[i].slice(take)
+        merged = pa.concat_tables(pieces)
+        yield merged.take(pc.sort_indices(merged, sort_keys=[(sort_key, "ascending")]))
+
+
+def _rechunk(pieces: Iterable[pa.Table], sizes: Iterator[int]) -> Iterator[pa.Table]:
+    """The rows of `pieces` regrouped into tables of the lengths `sizes` yields (the last may
+    be shorter), each one contiguous chunk."""
+    pending: list[pa.Table] = []
+    have, want = 0, next(sizes)
+    for piece in pieces:
+        while piece.num_rows:
+            take = min(want - have, piece.num_rows)
+            pending.append(piece.slice(0, take))
+            piece = piece.slice(take)
+            have += take
+            if have == want:
+                yield pa.concat_tables(pending).combine_chunks()
+                pending, have, want = [], 0, next(sizes)
+    if have:
+        yield pa.concat_tables(pending).combine_chunks()
+
+
+def _group_sizes(rows_per_file: int, rows_per_group: int) -> Iterator[int]:
+    """Row-group lengths: each file of `rows_per_file` rows in groups of `rows_per_group`."""
+    while True:
+        left = rows_per_file
+        while left > 0:
+            yield min(rows_per_group, left)
+            left -= rows_per_group
+
+
+def _write_parts(pieces: Iterable[pa.Table], folder: Path, template: str, schema: pa.Schema,
+                 rows_per_file: int, rows_per_group: int) -> list[Path]:
+    """Write the rows of `pieces` as files of `rows_per_file` rows named `template`, each in
+    row groups of `rows_per_group`: the bytes depend only on the rows, not on the pieces."""
+    parts: list[Path] = []
+    writer, in_file = None, 0
+    try:
+        for group in _rechunk(pieces, _group_sizes(rows_per_file, rows_per_group)):
+            if writer is None:
+                parts.append(folder / template.format(len(parts)))
+                writer = pq.ParquetWriter(parts[-1], schema)
+            writer.write_table(group, row_group_size=group.num_rows)
+            in_file += group.num_rows
+            if in_file == rows_per_file:
+                writer.close()
+                writer, in_file = None, 0
+    finally:
+        if writer is not None:
+            writer.close()
+    return parts
+
+
 def _normalize_parts(folder: Path, template: str, schema: pa.Schema, rows_per_file: int,
-                     sort_key: str = SORT_KEY) -> list[Path]:
+                     sort_key: str = SORT_KEY, *, sort_buffer_bytes: int = SORT_BUFFER_BYTES,
+                     merge_buffer_bytes: int = MERGE_BUFFER_BYTES,
+                     fan_in: int = MERGE_FAN_IN) -> list[Path]:
     """Replace Ray's ``task-*.parquet`` files (their order and split depend on scheduling) by
     files of `rows_per_file` rows sorted by `sort_key`, named `template`: the output is then
-    byte-identical for any concurrency, block layout or re-run. Reads the output once."""
+    byte-identical for any concurrency, block layout or re-run.
+
+    An external merge sort, so the driver's memory does not grow with the output: chunks of
+    about `sort_buffer_bytes` are sorted into run files, then merged `fan_in` runs at a time
+    (several passes if needed) reading about `merge_buffer_bytes` in all; output files are
+    written in row groups of ROW_GROUP_ROWS as the merge goes.
+    """
     written = sorted(p for p in folder.iterdir() if _TASK_FILE.match(p.name))
     if not written:
         return []
-    table = pa.concat_tables([pq.read_table(p, schema=schema) for p in written])
-    if sort_key in schema.names:
-        table = table.take(pc.sort_indices(table, sort_keys=[(sort_key, "ascending")]))
-    for path in written:
-        path.unlink()
-    parts = []
-    for index, start in enumerate(range(0, table.num_rows, rows_per_file)):
-        part = folder / template.format(index)
-        pq.write_table(table.slice(start, rows_per_file), part)
-        parts.append(part)
+    row_bytes = _row_bytes(written)
+    rows_per_group = min(rows_per_file, ROW_GROUP_ROWS)
+    if sort_key not in schema.names:  # keep Ray's (task) order, re-split into equal files
+        def pieces() -> Iterator[pa.Table]:
+            for path in written:
+                yield from _row_groups(path, schema)
+        parts = _write_parts(pieces(), folder, template, schema, rows_per_file, rows_per_group)
+        for path in written:
+            path.unlink()
+        return parts
+    fan_in = max(2, fan_in)
+
+    def batch_rows(num_runs: int) -> int:  # rows read at a time from each of num_runs runs
+        return max(MIN_MERGE_BATCH_ROWS, merge_buffer_bytes // (min(num_runs, fan_in) * row_bytes))
+
+    runs_dir = folder / SORT_RUNS_DIR
+    runs_dir.mkdir()
+    run_rows = max(1, sort_buffer_bytes // row_bytes)
+    num_runs = math.ceil(sum(pq.read_metadata(p).num_rows for p in written) / run_rows)
+    runs = _sorted_runs(written, runs_dir, schema, sort_key, run_rows, batch_rows(num_runs))
+    merge_pass = 0
+    while len(runs) > fan_in:  # merge groups of fan_in runs into longer runs
+        merged, next_rows = [], batch_rows(math.ceil(len(runs) / fan_in))
+        for start in range(0, len(runs), fan_in):
+            group = runs[start:start + fan_in]
+            out = runs_dir / f"pass{merge_pass:02d}-{start:06d}.parquet"
+            with pq.ParquetWriter(out, schema, **RUN_FILE_OPTIONS) as writer:
+                pieces = _merge_runs(group, schema, sort_key)
+                for rows in _rechunk(pieces, itertools.repeat(next_rows)):
+                    writer.write_table(rows, row_group_size=next_rows)
+            for run in group:
+                run.unlink()
+            merged.append(out)
+        runs, merge_pass = merged, merge_pass + 1
+    parts = _write_parts(_merge_runs(runs, schema, sort_key), folder, template, schema,
+                         rows_per_file, rows_per_group)
+    shutil.rmtree(runs_dir)
     return parts
 
 
@@ -308,7 +512,10 @@ def run_map_job(
         mapped.write_parquet(str(tmp), filename_provider=_filename_provider(),
                              mode=SaveMode.OVERWRITE,
                              schema=output_schema,
-                             min_rows_per_file=rows_per_block)
+                             min_rows_per_file=rows_per_block,
+                             # small row groups: the driver then sorts them in bounded memory
+                             row_group_size=max(MIN_MERGE_BATCH_ROWS, TASK_ROW_GROUP_BYTES
+                                                // _schema_row_bytes(output_schema)))
         tmp.mkdir(parents=True, exist_ok=True)  # an empty result writes no files
         parts = _normalize_parts(tmp, file_template, output_schema, rows_per_file)
         num_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
@@ -323,6 +530,62 @@ def run_map_job(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def read_map_output(output_dir: str | os.PathLike[str],
+                    columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The columns of a map job's output (files listed in map_job.json, in order) as numpy:
+    tensor columns as [N, *shape] arrays in their stored dtype, strings as object arrays."""
+    root = Path(output_dir)
+    try:
+        info = json.loads((root / JOB_MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise data_error(root / JOB_MANIFEST_NAME, f"cannot read the map job manifest ({exc}); "
+                         f"run the job first") from None
+    files = [root / name for name in info.get("files", [])]
+    if not files:
+        return {}
+    tables = [pq.read_table(path, columns=columns) for path in files]
+    return table_to_numpy(pa.concat_tables(tables))
+
+
+def map_to_side_table(
+    dataset_dir: str | os.PathLike[str],
+    name: str,
+    mapper_cls: type,
+    mapper_kwargs: dict[str, Any],
+    output_schema: pa.Schema,
+    *,
+    producer: dict[str, Any] | None = None,
+    read_columns: list[str] | None = None,
+    decode: bool = False,
+    **job_options: Any,
+) -> Path:
+    """Run a map job over a local dataset folder and write its output as side table `name`
+    (``<dataset>/side/<name>``, with ``side_table.json``); the images are not rewritten.
+
+    The mapper gets ``read_images(dataset_dir, columns=read_columns, decode=decode)`` batches
+    and returns an ``id`` column plus numeric / ``tensor_field`` columns of `output_schema`.
+    `job_options` go to run_map_job (concurrency, batch_size, num_cpus, num_gpus, ...)."""
+    check_name(name)
+    side_table_columns(output_schema)  # a side-table schema, checked before any work
+    if _is_remote(dataset_dir):
+        raise ConfigError(f"side table {name!r}: dataset {dataset_dir} must be a local folder")
+    manifest = read_manifest(dataset_dir)
+    info = {"mapper": f"{mapper_cls.__module__}.{mapper_cls.__qualname__}",
+            "mapper_kwargs": {k: v for k, v in mapper_kwargs.items()
+                              if isinstance(v, (str, int, float, bool, type(None)))},
+            **(producer or {})}
+
+    def finalize(folder: Path, parts: list[Path]) -> dict[str, Any]:
+        side = finalize_side_table(folder, parts, name=name, schema=output_schema,
+                                   dataset_content_hash=manifest.content_hash, producer=info)
+        return {"side_table": name, "content_hash": side["content_hash"]}
+
+    dataset = read_images(dataset_dir, columns=read_columns, decode=decode)
+    job_options.setdefault("num_rows", manifest.num_rows)
+    return run_map_job(dataset, mapper_cls, mapper_kwargs, side_table_path(dataset_dir, name),
+                       output_schema, finalize=finalize, **job_options)
 
 
 # --------------------------------------------------------------------------------- features
@@ -415,33 +678,33 @@ class SampleMapper:
     """Loads a checkpoint once; turns seed ranges into rows of the dataset schema."""
 
     def __init__(self, checkpoint: str, sampler: str, steps: int, labels_mode: str,
-                 cfg_omega: float, options: dict[str, Any], use_ema: bool, device: str,
-                 generate_batch_size: int, clip_x0: bool | None = None) -> None:
-        from debiaslab.sampling import load_trained
+                 guidance: list[dict[str, Any]], options: dict[str, Any], use_ema: bool,
+                 device: str, generate_batch_size: int, clip_x0: bool | None = None) -> None:
+        from debiaslab.sampling import guided_denoiser, load_trained
 
         self.trained = load_trained(checkpoint, use_ema=use_ema, device=device)
         self.sampler, self.steps, self.labels_mode = sampler, steps, labels_mode
-        self.cfg_omega, self.options, self.clip_x0 = cfg_omega, options, clip_x0
+        self.options, self.clip_x0 = options, clip_x0
+        # built as on the local path (sampling.guided_denoiser), once per actor
+        self.denoiser = guided_denoiser(self.trained, sampler, guidance)
         self.generate_batch_size = generate_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        from debiaslab.sampling import generate, sample_labels
+        from debiaslab.sampling import generate, seed_labels
 
         seeds = [s for start, stop in zip(batch["start"], batch["stop"])
                  for s in range(int(start), int(stop))]
-        labels = sample_labels(self.labels_mode, self.trained.num_classes, seeds)
-        if self.trained.null_label is None:
-            labels = None
+        labels, recorded = seed_labels(self.trained, self.labels_mode, seeds, self.denoiser)
         images = generate(self.trained, self.sampler, seeds, steps=self.steps, labels=labels,
-                          cfg_omega=self.cfg_omega, batch_size=self.generate_batch_size,
+                          denoiser=self.denoiser, batch_size=self.generate_batch_size,
                           options=self.options, clip_x0=self.clip_x0)
         uint8 = ((images + 1) * PIXEL_HALF_RANGE).round().clamp(0, PIXEL_MAX).to(torch.uint8)
         n = len(seeds)
         return {"id": [f"seed{s:08d}" for s in seeds],
                 "image": [encode_png(img) for img in uint8.numpy()],
-                "label": labels.numpy() if labels is not None else np.full(n, NO_LABEL),
+                "label": recorded.numpy() if recorded is not None else np.full(n, NO_LABEL),
                 "attributes": np.zeros((n, 0), np.int8)}
 
 
@@ -482,7 +745,7 @@ def sample_job(
     *,
     steps: int,
     labels_mode: str = "balanced",
-    cfg_omega: float = 0.0,
+    guidance: list[dict[str, Any]] | None = None,
     options: dict[str, Any] | None = None,
     clip_x0: bool | None = None,
     seeds_per_task: int = DEFAULT_SEEDS_PER_TASK,
@@ -497,7 +760,8 @@ def sample_job(
     """Generate one image per seed with actors that load `checkpoint` once, sharded by seed
     ranges; write a dataset folder (Parquet in the dataset SCHEMA + dataset.json, ids
     ``seed%08d``) that ``ImageDataset.load`` reads. Images depend only on their seeds.
-    ``clip_x0``: cfg.sample.clip_x0, as in ``sampling.generate`` (None = the sampler's default)."""
+    ``clip_x0``: cfg.sample.clip_x0, as in ``sampling.generate`` (None = the sampler's default).
+    ``guidance``: resolved ``sample.guidance`` entries (sampling.resolve_guidance)."""
     import ray.data
 
     from debiaslab.sampling import load_trained
@@ -507,7 +771,7 @@ def sample_job(
         raise ConfigError("sample job: no seeds to sample")
     trained = load_trained(checkpoint, use_ema=use_ema, device="cpu")  # checks it, reads names
     mapper_kwargs = dict(checkpoint=str(Path(checkpoint).absolute()), sampler=sampler,
-                         steps=steps, labels_mode=labels_mode, cfg_omega=cfg_omega,
+                         steps=steps, labels_mode=labels_mode, guidance=list(guidance or []),
                          options=dict(options or {}), use_ema=use_ema, device=device,
                          generate_batch_size=seeds_per_task, clip_x0=clip_x0)
     name = Path(output_dir).name
@@ -521,7 +785,8 @@ def sample_job(
         manifest = _dataset_manifest(folder, parts, name, source, trained.class_names,
                                      trained.shape)
         manifest.extra.update({"sampler": sampler, "steps": steps, "labels": labels_mode,
-                               "cfg_omega": cfg_omega, "seeds": [seeds.start, seeds.stop],
+                               "guidance": list(guidance or []),
+                               "seeds": [seeds.start, seeds.stop],
                                "clip_x0": clip_x0})
         write_json(folder / MANIFEST_NAME, manifest.to_json())
         return {"sampler": sampler, "seeds": [seeds.start, seeds.stop]}

@@ -44,6 +44,18 @@ class SweepResult:
 # ------------------------------------------------------------------------------- search space
 
 
+@dataclass(frozen=True)
+class TrialOps:
+    """The stage functions a trial runs, handed in by the caller (pipeline.trial_ops), so this
+    module never imports the orchestration layer above it."""
+
+    train: Any  # (cfg, tracker=, progress=) -> result with .checkpoint and .metrics
+    sample: Any  # (cfg, checkpoint, out_dir=, progress=) -> result with .artifacts
+    evaluate_samples: Any  # (cfg, samples, extractor=, name=, out_dir=) -> Evaluation
+    build_metric_extractor: Any  # (cfg) -> extractor
+    reference_path: Any  # (cfg) -> Path
+
+
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
     """Tune's param_space dict (OptunaSearch converts it to Optuna distributions)."""
     from ray import tune
@@ -57,24 +69,22 @@ def param_space(sweep: SweepConfig) -> dict[str, Any]:
     return {path: builders[spec.type](spec) for path, spec in sweep.specs.items()}
 
 
-def reported_metrics(sweep: SweepConfig) -> set[str]:
+def reported_metrics(sweep: SweepConfig, ops: TrialOps) -> set[str]:
     """Metric names a trial reports: one real evaluation of a few reference images (so the
     extractor, reference set and metric settings are the trials' own), plus training metrics."""
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.metrics.evaluate import SampleSet
-    from debiaslab.pipeline import build_metric_extractor, evaluate_samples, reference_path
-
     cfg = sweep.base
     assert cfg is not None
-    ref = ImageDataset.load(reference_path(cfg))
+    ref = ImageDataset.load(ops.reference_path(cfg))
     idx = np.linspace(0, len(ref.ids) - 1, min(PROBE_IMAGES, len(ref.ids))).astype(int)
     probe = SampleSet(ref.images.numpy()[idx], ref.labels.numpy()[idx], "probe")
     probe_cfg = dataclasses.replace(cfg, metrics=dataclasses.replace(cfg.metrics, bootstrap=0))
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        ev = evaluate_samples(probe_cfg, probe, extractor=build_metric_extractor(cfg),
-                              out_dir=Path(tmp))
+        ev = ops.evaluate_samples(probe_cfg, probe, extractor=ops.build_metric_extractor(cfg),
+                                  out_dir=Path(tmp))
     names = {f"eval/{k}" for k in ev.metrics}
     if sweep.kind == "training":
         names |= set(TRAIN_METRICS)
@@ -125,13 +135,12 @@ def _rung_sizes(total: int, rungs: int) -> list[int]:
 
 
 def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Path,
-                         done: list[Any], upto: int, extractor: Any) -> tuple[Any, Path]:
+                         done: list[Any], upto: int, extractor: Any, ops: TrialOps
+                         ) -> tuple[Any, Path]:
     """Sample seeds [seed_start + len(done), seed_start + upto) with the first sampler, add them
     to ``done`` and evaluate all of them (the same seed range in every trial)."""
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.metrics.evaluate import SampleSet
-    from debiaslab.pipeline import evaluate_samples, sample
-
     s = cfg.sample
     have = sum(len(d.ids) for d in done)
     sampler = s.samplers[0]
@@ -139,14 +148,15 @@ def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Pat
         part = dataclasses.replace(cfg, sample=dataclasses.replace(
             s, seed_start=s.seed_start + have, num_samples=upto - have, samplers=(sampler,)),
             distributed=dataclasses.replace(cfg.distributed, backend="local"))
-        res = sample(part, checkpoint, out_dir=trial_dir / f"samples-{have:06d}", progress=False)
+        res = ops.sample(part, checkpoint, out_dir=trial_dir / f"samples-{have:06d}",
+                         progress=False)
         done.append(ImageDataset.load(res.artifacts[f"samples_{sampler}"]))
     images = np.concatenate([d.images.numpy() for d in done])
     labels = np.concatenate([d.labels.numpy() for d in done])
     has_labels = bool((labels >= 0).all())
     samples = SampleSet(images, labels if has_labels else None, f"{cfg.name}/{sampler}")
-    ev = evaluate_samples(cfg, samples, extractor=extractor, name=sampler,
-                          out_dir=trial_dir / "eval")
+    ev = ops.evaluate_samples(cfg, samples, extractor=extractor, name=sampler,
+                              out_dir=trial_dir / "eval")
     grid = trial_dir / f"samples-{0:06d}" / f"grid_{sampler}.png"
     return ev, grid
 
@@ -156,10 +166,10 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     fixed checkpoint, training trials train it with Ray Train first. Reports after each rung."""
     from ray import tune
 
-    from debiaslab.pipeline import build_metric_extractor, train
     from debiaslab.sweeps import load_sweep
 
     ray_env()
+    ops: TrialOps = ctx["ops"]
     sweep = load_sweep(ctx["sweep_file"], ctx["sweep_overrides"])
     trial_id = tune.get_context().get_trial_id()
     name = _trial_name(sweep.name, trial_id)
@@ -170,7 +180,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / ATTEMPTS_FILE, "a", encoding="utf-8") as fh:  # one line per attempt
         fh.write(f"{os.getpid()}\n")
-    extractor = build_metric_extractor(cfg)
+    extractor = ops.build_metric_extractor(cfg)
     done: list[Any] = []
     stopped: SystemExit | None = None
     with _child_tracker(ctx, trial_id, name) as tracker:
@@ -185,7 +195,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 rung_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
                     cfg.train, steps=steps[rung - 1]), distributed=dataclasses.replace(
                     cfg.distributed, backend="ray"))
-                trained = train(rung_cfg, tracker=tracker, progress=False)
+                trained = ops.train(rung_cfg, tracker=tracker, progress=False)
                 checkpoint = trained.checkpoint
                 done = []  # a new checkpoint: the samples are new too
                 metrics.update({k: v for k, v in trained.metrics.items()})
@@ -194,7 +204,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 sample_upto = sizes[rung - 1]
             assert checkpoint is not None
             ev, grid = _sample_and_evaluate(cfg, checkpoint, trial_dir, done, sample_upto,
-                                            extractor)
+                                            extractor, ops)
             metrics.update({f"eval/{k}": float(v) for k, v in ev.metrics.items()
                             if v is not None})
             tracker.log_metrics(metrics, step=rung)
@@ -243,14 +253,14 @@ def _sampling_checkpoint(sweep: SweepConfig) -> str:
 
 
 def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = None, *,
-              progress: bool = True) -> SweepResult:
+              ops: TrialOps, progress: bool = True) -> SweepResult:
     """Run (or resume) the sweep of ``sweep_file``: validate everything first, then Tune with
     OptunaSearch (TPE; multi-objective with a second objective) and optional ASHA, each trial
     logging to an MLflow child run of the sweep's parent run."""
     from debiaslab.sweeps import load_sweep
 
     sweep = load_sweep(sweep_file, overrides)
-    reported = reported_metrics(sweep)
+    reported = reported_metrics(sweep, ops)
     check_objectives(sweep, reported)
     checkpoint = _sampling_checkpoint(sweep) if sweep.kind == "sampling" else ""
     base = sweep.base
@@ -264,14 +274,14 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
         started = True
     try:
         return _tune(sweep, str(Path(sweep_file).resolve()), list(overrides or []), checkpoint,
-                     progress)
+                     progress, ops)
     finally:
         if started:
             shutdown_ray()
 
 
 def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint: str,
-          progress: bool) -> SweepResult:
+          progress: bool, ops: TrialOps) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -303,7 +313,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
         ctx = {"sweep_file": sweep_file, "sweep_overrides": overrides,
                "sweep_name": sweep.name, "tracking_uri": tracking_uri,
                "experiment": experiment, "output_dir": str(Path(base.output_dir).resolve()),
-               "parent_run_id": parent.run_id, "checkpoint": checkpoint}
+               "parent_run_id": parent.run_id, "checkpoint": checkpoint, "ops": ops}
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": sweep.cpus_per_trial,
                                          "gpu": sweep.gpus_per_trial})

@@ -13,16 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from debiaslab.config import ExperimentConfig, absolute_paths, from_dict, to_dict
+from debiaslab.config import ExperimentConfig, absolute_paths, from_saved_dict, to_dict
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
+from debiaslab.errors import ConfigError
 from debiaslab.training.checkpoint import TRAINER_KEYS, latest_checkpoint, load_checkpoint
+from debiaslab.training.factories import classifier_trainer, score_trainer  # noqa: F401
 
 RAY_RESULTS_DIR = "ray_results"
 CHECKPOINT_DIR_PREFIX = "checkpoint_"
 
 
 class TrainerLike(Protocol):
-    """What the worker loop needs: the shared `Trainer` and, later, the classifier trainer."""
+    """What the worker loop needs: the shared `Trainer` (score model or classifier task)."""
 
     device: Any
 
@@ -32,16 +34,9 @@ class TrainerLike(Protocol):
 
 
 # Builds one worker's trainer. Keyword arguments: run_dir, rank, world_size, device,
-# prepare_model, on_metrics, on_report, progress (all accepted by `Trainer`).
+# prepare_model, on_metrics, on_report, progress (all accepted by `Trainer`). Module-level
+# functions (training.factories: score_trainer, classifier_trainer) pickle by reference.
 TrainerFactory = Callable[..., TrainerLike]
-
-
-def score_trainer(cfg: ExperimentConfig, **kwargs: Any) -> TrainerLike:
-    """The default factory: the score-model `Trainer` on the experiment's training data."""
-    from debiaslab.pipeline import load_training_data
-    from debiaslab.training.loop import Trainer
-
-    return Trainer(cfg, load_training_data(cfg), kwargs.pop("run_dir"), **kwargs)
 
 
 @dataclass
@@ -88,13 +83,17 @@ def train_distributed(
     mlflow_run_id: str | None = None,
     trainer_factory: TrainerFactory = score_trainer,
 ) -> DistributedTrainResult:
-    """Train with a Ray `TorchTrainer` (gloo on CPU, NCCL on GPU) of ``distributed.num_workers``.
+    """Train with a Ray `TorchTrainer` (gloo on CPU, NCCL on GPU) of ``distributed.num_workers``
+    that split the global ``train.batch_size``.
 
     The driver owns the MLflow run: pass its id (and URI; default the embedded store under
     ``output_dir``) and rank 0 logs to it; workers never create runs. Starts a local Ray (or
     joins ``distributed.address``) unless one is running, and shuts down only what it started.
     """
     d = cfg.distributed
+    if cfg.train.batch_size % d.num_workers:  # before any worker starts (and fails alike)
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                          f"distributed.num_workers={d.num_workers}")
     started = False
     import ray
 
@@ -165,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    cfg = from_dict(config["cfg"])
+    cfg = from_saved_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     _remove_dead_staging(cfg.name)

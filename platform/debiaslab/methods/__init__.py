@@ -1,3 +1,15 @@
-"""One module per paper; importing this package registers every method's components."""
+"""One module per paper; importing this package registers every method's components and recipes.
 
-from debiaslab.methods import cbdm, debias  # noqa: F401
+The plain diffusion recipe (data -> train -> sample -> evaluate, pipeline.diffusion_stages) is
+registered here: it is the baseline every method is compared with.
+"""
+
+from debiaslab.pipeline import diffusion_stages
+from debiaslab.recipes import Recipe, register_recipe
+
+register_recipe(Recipe(
+    "diffusion", diffusion_stages(),
+    description="a score model with the configured loss and weighting, sampled with the "
+                "configured guidance"))
+
+from debiaslab.methods import cbdm, classifier_guidance, debias  # noqa: E402,F401

@@ -1,5 +1,5 @@
 """Class-Balancing Diffusion Models: Qin et al., "Class-Balancing Diffusion Models", CVPR 2023
-(ALGORITHMS.md §4): a regularizer that pulls each class-conditional eps prediction toward the
+(docs/algorithms.md §4): a regularizer that pulls each class-conditional eps prediction toward the
 prediction for a random other class y', with CFG sampling."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from torch import Tensor, nn
 from debiaslab.diffusion.losses import LOSSES, DenoisingLoss, mean_per_sample
 from debiaslab.errors import ConfigError
 from debiaslab.registry import Registry
+from debiaslab.pipeline import diffusion_stages
+from debiaslab.recipes import Recipe, register_recipe
 
-# Where y' comes from (ALGORITHMS.md §4.2 FLAG): the official code uses the empirical training
+# Where y' comes from (docs/algorithms.md §4.2 FLAG): the official code uses the empirical training
 # label frequencies when training from scratch and the uniform prior when fine-tuning.
 TARGET_DISTRIBUTIONS: Registry = Registry("cbdm target distribution")
 
@@ -35,7 +37,7 @@ def uniform(class_counts: Tensor) -> Tensor:
 
 def cbdm_regularizer(e: Tensor, e_prime: Tensor, t: Tensor, num_timesteps: int, tau: float,
                      gamma: float) -> Tensor:
-    """Qin et al. 2023, Eq. 9 as implemented (ALGORITHMS.md §4.2), per sample [B]:
+    """Qin et al. 2023, Eq. 9 as implemented (docs/algorithms.md §4.2), per sample [B]:
 
         L_reg = (t/T) tau ( ||e - sg(e')||^2 + gamma ||sg(e) - e'||^2 ),
 
@@ -109,3 +111,14 @@ class CBDMLoss(DenoisingLoss):
         reg = cbdm_regularizer(e, e_prime, level, self.schedule.num_timesteps, self.tau,
                                self.gamma)
         return self.weight(level, mse) * mse + torch.where(active, reg, torch.zeros_like(reg))
+
+
+def check_cbdm_config(cfg: Any) -> None:
+    if cfg.diffusion.loss != "cbdm":
+        raise ConfigError(f"recipe cbdm: needs diffusion.loss: cbdm, got "
+                          f"{cfg.diffusion.loss!r}")
+
+
+register_recipe(Recipe(
+    "cbdm", diffusion_stages(), check=check_cbdm_config,
+    description="Qin et al. 2023: class-balancing regularizer in training, CFG at sampling"))

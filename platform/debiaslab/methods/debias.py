@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from debiaslab.diffusion.weighting import WEIGHTINGS, Weighting
+from typing import Any
+
+from debiaslab.errors import ConfigError
+from debiaslab.pipeline import diffusion_stages
+from debiaslab.recipes import Recipe, register_recipe
 
 
 @WEIGHTINGS.register("debias")
@@ -14,9 +19,20 @@ from debiaslab.diffusion.weighting import WEIGHTINGS, Weighting
 class DebiasWeighting(Weighting):
     """Yu et al. 2024, Eq. 14 (and the released code): lambda_t = 1/sqrt(SNR_t) on the eps error.
 
-    Equivalent weights on other targets (ALGORITHMS.md §5.2): x0 loss sqrt(SNR_t), v loss
+    Equivalent weights on other targets (docs/algorithms.md §5.2): x0 loss sqrt(SNR_t), v loss
     sqrt(SNR_t)/(1 + SNR_t); ``apply="as_is"`` reproduces the code's 1/sqrt(SNR) on any target.
     """
 
     def eps_weight(self, snr: Tensor) -> Tensor:
         return snr.rsqrt()
+
+
+def check_debias_config(cfg: Any) -> None:
+    if cfg.diffusion.weighting != "debias":
+        raise ConfigError(f"recipe debias: needs diffusion.weighting: debias, got "
+                          f"{cfg.diffusion.weighting!r}")
+
+
+register_recipe(Recipe(
+    "debias", diffusion_stages(), check=check_debias_config,
+    description="Yu et al. 2024: 1/sqrt(SNR) loss weighting"))

@@ -1,4 +1,4 @@
-"""One evaluation protocol for quality and fairness (ALGORITHMS.md §6), on any sample set.
+"""One evaluation protocol for quality and fairness (docs/algorithms.md §6), on any sample set.
 
 Every number is tagged with the extractor and the reference set that produced it.
 """

@@ -1,6 +1,6 @@
 """Frechet Inception Distance, Kernel Inception Distance and Inception Score on feature arrays.
 
-ALGORITHMS.md §6; inputs are float arrays [N, D] (or [N, C] class scores for the Inception Score).
+docs/algorithms.md §6; inputs are float arrays [N, D] (or [N, C] class scores for the Inception Score).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
-    """Heusel et al. 2017 (FID), ALGORITHMS §6:
+    """Heusel et al. 2017 (FID), docs/algorithms.md §6:
     d^2 = ||mu1 - mu2||^2 + Tr(Sigma1) + Tr(Sigma2) - 2 Tr((Sigma1 Sigma2)^{1/2}).
 
     Fast path without sqrtm (see :func:`trace_sqrt_product`); no jitter for singular (N < D)
@@ -329,7 +329,7 @@ def _log_probs(scores: np.ndarray, from_logits: bool) -> np.ndarray:
 def inception_score(logits_or_probs: Any, splits: int = 10,
                     from_logits: bool = True) -> tuple[float, float]:
     """Salimans et al. 2016: IS = exp(E_x KL(p(y|x) || p(y))), p(y) = mean of p(y|x) over the
-    split (ALGORITHMS §6). `splits` equal consecutive splits of N // splits rows (the remainder
+    split (docs/algorithms.md §6). `splits` equal consecutive splits of N // splits rows (the remainder
     is dropped, as in pytorch-fid/CBDM); returns the mean and std (ddof 0) over splits."""
     scores = check_features(logits_or_probs, "inception scores", 1)
     n = scores.shape[0]

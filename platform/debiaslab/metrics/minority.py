@@ -1,4 +1,4 @@
-"""Low-density ("minority") metrics of generated samples against real features (ALGORITHMS §6,
+"""Low-density ("minority") metrics of generated samples against real features (docs/algorithms.md §6,
 §1.6): AvgkNN, Local Outlier Factor and Rarity Score; higher = rarer for the first two."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _lof_from_knn(real_d: np.ndarray, real_idx: np.ndarray, fake_d: np.ndarray,
 
 
 def avg_knn(real: Any, fake: Any, k: int = DEFAULT_K) -> np.ndarray:
-    """AvgkNN (MG, ALGORITHMS §6): (1/k) sum_{j<=k} ||phi(x) - phi(n_j(x))||, n_j the j-th nearest
+    """AvgkNN (MG, docs/algorithms.md §6): (1/k) sum_{j<=k} ||phi(x) - phi(n_j(x))||, n_j the j-th nearest
     real neighbour of the fake point x. Returns [N_fake]."""
     real = check_features(real, "real features")
     fake = check_features(fake, "fake features")
@@ -67,7 +67,7 @@ def avg_knn(real: Any, fake: Any, k: int = DEFAULT_K) -> np.ndarray:
 
 def local_outlier_factor(real: Any, fake: Any, k: int = DEFAULT_LOF_K) -> np.ndarray:
     """Breunig et al. 2000, LOF (Def. 5-7) of each fake point as a query against the real set
-    (ALGORITHMS §6): reach-dist_k(a, b) = max(k-dist(b), d(a, b)); lrd(a) = 1 / mean_{b in
+    (docs/algorithms.md §6): reach-dist_k(a, b) = max(k-dist(b), d(a, b)); lrd(a) = 1 / mean_{b in
     N_k(a)} reach-dist_k(a, b); LOF(a) = mean_{b in N_k(a)} lrd(b) / lrd(a); N_k over real
     points only, real k-distances and lrds computed within the real set excluding the point
     itself. > 1 = outlier. Returns [N_fake]."""
@@ -78,7 +78,7 @@ def local_outlier_factor(real: Any, fake: Any, k: int = DEFAULT_LOF_K) -> np.nda
 
 
 def rarity_score(real: Any, fake: Any, k: int = DEFAULT_K) -> np.ndarray:
-    """Han et al. 2022, Rarity Score (ALGORITHMS §6): RS(x) = min{ NN_k(r) : r in R,
+    """Han et al. 2022, Rarity Score (docs/algorithms.md §6): RS(x) = min{ NN_k(r) : r in R,
     ||phi(x) - phi(r)|| <= NN_k(r) }, NN_k(r) the k-NN radius of real r (itself excluded).
     NaN where no real ball contains x (undefined, discarded in summaries). Returns [N_fake]."""
     real, fake = _inputs(real, fake, {"rarity": k})

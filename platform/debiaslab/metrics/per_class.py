@@ -1,5 +1,5 @@
 """Per-class FID and improved recall with bootstrap confidence intervals, and head/tail means
-(class-imbalanced evaluation, CBDM/TIW setting; ALGORITHMS §6)."""
+(class-imbalanced evaluation, CBDM/TIW setting; docs/algorithms.md §6)."""
 
 from __future__ import annotations
 

@@ -99,7 +99,7 @@ def k_nearest_radii(x: Any, k: int = DEFAULT_K) -> np.ndarray:
 # --------------------------------------------------------------------------------- metrics
 def prdc(real: Any, fake: Any, k: int = DEFAULT_K) -> dict[str, float]:
     """Precision, recall (Kynkaanniemi et al. 2019, Eq. 1-2), density and coverage (Naeem et al.
-    2020, Eq. 4-5), with r_k the k-NN radius within a point's own set (ALGORITHMS §6):
+    2020, Eq. 4-5), with r_k the k-NN radius within a point's own set (docs/algorithms.md §6):
 
     precision = (1/M) sum_j 1[exists i: ||Y_j - X_i|| <= r_k(X_i)]
     recall    = (1/N) sum_i 1[exists j: ||X_i - Y_j|| <= r_k(Y_j)]

@@ -1,10 +1,17 @@
-"""Networks: the ADM UNet with class/augmentation conditioning and h-space tap, and the
-time-conditioned encoder classifier; `NETS` maps config names to their classes.
+"""Networks: the ADM UNet with class/augmentation conditioning and h-space tap, the
+time-conditioned encoder classifier and an MLP head; `NETS` maps config names to their classes,
+`build_net` builds any of them from a ModelConfig.
 """
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Sequence
 
 from torch import nn
 
-from debiaslab.nets.classifier import EncoderClassifier
+from debiaslab.errors import ConfigError
+from debiaslab.nets.classifier import EncoderClassifier, MLPHead
 from debiaslab.nets.layers import timestep_embedding
 from debiaslab.nets.unet import HEditFn, UNet
 from debiaslab.registry import Registry
@@ -12,6 +19,48 @@ from debiaslab.registry import Registry
 NETS: Registry = Registry("network")
 NETS.register("unet")(UNet)
 NETS.register("encoder_classifier")(EncoderClassifier)
+NETS.register("mlp_head")(MLPHead)
+
+_KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def net_options(name: str) -> list[str]:
+    """The ``model.options`` keys network ``name`` accepts: its constructor's keyword parameters
+    that ``from_config`` does not fill from ModelConfig fields (``CONFIG_PARAMS``)."""
+    cls = NETS.get(name)
+    params = inspect.signature(cls.__init__).parameters
+    return sorted(p for p, spec in params.items()
+                  if p != "self" and spec.kind in _KEYWORD_KINDS and p not in cls.CONFIG_PARAMS)
+
+
+def check_model_options(model: Any, where: str = "model") -> None:
+    """One-line ConfigError for a ``<where>.options`` key the network does not take."""
+    allowed = net_options(model.net)
+    for key in model.options:
+        if key not in allowed:
+            raise ConfigError(f"{where}.options.{key}: not an option of net {model.net}; allowed: "
+                              f"{', '.join(allowed) or '(none)'}")
+
+
+def is_classifier(name: str) -> bool:
+    """Whether network ``name`` outputs logits (its constructor takes ``num_outputs``)."""
+    return "num_outputs" in inspect.signature(NETS.get(name).__init__).parameters
+
+
+def build_net(model: Any, *, shape: Sequence[int], num_classes: int,
+              num_outputs: int | None = None, aug_dim: int = 0, where: str = "model"
+              ) -> nn.Module:
+    """Any registered network from ``model`` (a ModelConfig) for inputs of ``shape`` ((C, H, W)
+    images, or a feature row's shape): ``num_classes`` conditioning classes (used when
+    ``model.class_conditional``), ``num_outputs`` logits for classifiers, ``aug_dim`` for an
+    augmentation vector. ``model.options`` go to the constructor (unknown keys: ConfigError)."""
+    cls = NETS.get(model.net)
+    check_model_options(model, where)
+    try:
+        return cls.from_config(model, shape=tuple(shape), num_classes=num_classes,
+                               num_outputs=num_outputs, aug_dim=aug_dim)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def num_parameters(module: nn.Module) -> int:
@@ -19,4 +68,6 @@ def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["NETS", "EncoderClassifier", "HEditFn", "UNet", "num_parameters", "timestep_embedding"]
+__all__ = ["NETS", "EncoderClassifier", "HEditFn", "MLPHead", "UNet", "build_net",
+           "check_model_options", "is_classifier", "net_options", "num_parameters",
+           "timestep_embedding"]

@@ -1,13 +1,13 @@
 """ADM-style UNet eps/x0/v network with class + augmentation conditioning and an h-space tap.
 
-h-space (Kwon et al. 2023 "Asyrp"; ALGORITHMS.md §3.1) is the middle-block output; it can be read
+h-space (Kwon et al. 2023 "Asyrp"; docs/algorithms.md §3.1), the middle-block output, can be read
 (`return_h=True`) and replaced (`with unet.h_edit(fn):`) while the decoder keeps the encoder skips.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,12 @@ class UNet(nn.Module):
     y == num_classes (= `null_label`, also used when y is None) is the CFG null label. The final
     conv is zero-initialised, so an untrained network outputs zeros.
     """
+
+    # constructor parameters that from_config fills from ModelConfig fields (the others may be
+    # given as model.options)
+    CONFIG_PARAMS = ("in_channels", "out_channels", "image_size", "model_channels", "channel_mult",
+                     "num_res_blocks", "attention_resolutions", "dropout", "head_channels",
+                     "num_classes", "aug_dim")
 
     def __init__(
         self,
@@ -94,6 +100,23 @@ class UNet(nn.Module):
         # Plain attribute outside nn.Module bookkeeping: an edit fn that is itself a Module must not
         # become a submodule (it would enter state_dict and .to()).
         object.__setattr__(self, "_h_edit_fn", None)
+
+    @classmethod
+    def from_config(cls, model: Any, *, shape: Sequence[int], num_classes: int,
+                    num_outputs: int | None = None, aug_dim: int = 0) -> "UNet":
+        """The score network of ``model`` (a ModelConfig) for images of ``shape`` (C, H, W):
+        C output channels (``num_outputs`` if given), class conditioning when
+        ``model.class_conditional`` and there is more than one class."""
+        channels, height = int(shape[0]), int(shape[1])
+        return cls(
+            in_channels=channels, out_channels=channels if num_outputs is None else num_outputs,
+            model_channels=model.model_channels, channel_mult=tuple(model.channel_mult),
+            num_res_blocks=model.num_res_blocks,
+            attention_resolutions=tuple(model.attention_resolutions), image_size=height,
+            dropout=model.dropout, head_channels=model.head_channels,
+            num_classes=num_classes if model.class_conditional and num_classes > 1 else None,
+            aug_dim=aug_dim, **model.options,
+        )
 
     @property
     def null_label(self) -> int | None:

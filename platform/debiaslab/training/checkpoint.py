@@ -72,7 +72,8 @@ def remove_orphan_temps(directory: str | Path) -> list[Path]:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     required: tuple[str, ...] = MINIMAL_KEYS) -> dict[str, Any]:
-    """Load a checkpoint safely (no pickled code); a missing or corrupt file is a CheckpointError."""
+    """Load a checkpoint safely (no pickled code); a missing or corrupt file, or one without the
+    ``required`` keys, is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

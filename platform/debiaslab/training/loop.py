@@ -2,7 +2,8 @@
 
 AdamW with linear warm-up, gradient clipping, EMA, mixed precision on GPU, atomic checkpoints and
 exact resume: batches, timesteps and noise come from generators seeded by (seed, step), and the
-global torch RNG (dropout) is checkpointed, so a resumed run reproduces the same losses.
+global torch RNG (dropout) is checkpointed, so a resumed run reproduces the same losses. What is
+trained is a `TrainTask`: the score model (`ScoreTask`) or a classifier (training.classifier).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ MetricsFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, Path], None]
 ReportFn = Callable[[int, dict[str, float], "Path | None"], None]
 
-_STREAM_BATCH, _STREAM_NOISE, _STREAM_LOSS = 1, 2, 3  # independent per-step random streams
+STREAM_BATCH, STREAM_NOISE, STREAM_LOSS = 1, 2, 3  # independent per-step random streams
 _SEED_STRIDE = 1_000_003
 
 
@@ -72,12 +73,17 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
 
 class EMA:
     """Exponential moving average of parameters (and a copy of buffers), with the usual warm-up
-    decay min(decay, (1 + n)/(10 + n)) so early averages are not dominated by the init."""
+    decay min(decay, (1 + n)/(10 + n)) so early averages are not dominated by the init.
+
+    ``decay`` 0 means no average: the shadow is the model itself (no copy, no update), so the
+    checkpoint's "ema" entry holds the model's own weights (stored once: the tensors are shared).
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.num_updates = 0
-        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        self.enabled = decay > 0
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False) if self.enabled else model
         self._shadow_params = list(self.shadow.parameters())
         self._shadow_buffers = list(self.shadow.buffers())
         self._tracked: nn.Module | None = None
@@ -85,6 +91,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.num_updates += 1
+        if not self.enabled:
+            return
         d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         if self._tracked is not model:  # cache the parameter lists: this runs every step
             self._tracked, self._params = model, list(model.parameters())
@@ -97,7 +105,8 @@ class EMA:
         return {"shadow": self.shadow.state_dict(), "num_updates": self.num_updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.shadow.load_state_dict(state["shadow"])
+        if self.enabled:  # disabled: the shadow is the model, loaded from state["model"]
+            self.shadow.load_state_dict(state["shadow"])
         self.num_updates = int(state["num_updates"])
 
 
@@ -106,22 +115,18 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def build_net(cfg: ExperimentConfig, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The raw score network from ``cfg.model`` for images of ``shape`` = (C, H, W)."""
-    from debiaslab.nets import NETS
-
+def build_score_net(cfg: ExperimentConfig, shape: tuple[int, int, int], num_classes: int
+                    ) -> nn.Module:
+    """The raw score network from ``cfg.model`` for images of ``shape`` = (C, H, W), with the
+    augmentation vector of ``cfg.data.augment`` (nets.build_net does the building)."""
     from debiaslab.data.augment import AUGMENTS
+    from debiaslab.nets import build_net as build_any_net
 
-    m = cfg.model
-    channels, height, _ = shape
-    return NETS.build(
-        m.net, in_channels=channels, out_channels=channels, model_channels=m.model_channels,
-        channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
-        attention_resolutions=tuple(m.attention_resolutions), image_size=height,
-        dropout=m.dropout, head_channels=m.head_channels,
-        num_classes=num_classes if m.class_conditional and num_classes > 1 else None,
-        aug_dim=AUGMENTS.get(cfg.data.augment).aug_dim,
-    )
+    return build_any_net(cfg.model, shape=shape, num_classes=num_classes,
+                         aug_dim=AUGMENTS.get(cfg.data.augment).aug_dim)
+
+
+build_net = build_score_net  # the old name (sampling and the benchmarks import it from here)
 
 
 @dataclass
@@ -134,14 +139,175 @@ class TrainResult:
     seconds: float = 0.0
 
 
+# -------------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One rank's share of one step: the global batch is ``size`` rows, rank ``rank`` of
+    ``world_size`` trains on the contiguous ``indices`` slice. Draw random values for the whole
+    global batch from ``generator(stream)`` and keep ``mine(values)``, so any split of the batch
+    over ranks sees the same draws as one process."""
+
+    step: int
+    seed: int
+    size: int
+    rank: int
+    world_size: int
+    indices: Tensor
+
+    def generator(self, stream: int) -> torch.Generator:
+        return step_generator(self.seed, self.step, stream)
+
+    def mine(self, values: Tensor) -> Tensor:
+        """This rank's rows of a global-batch tensor [size, ...]."""
+        return values.view(self.world_size, -1, *values.shape[1:])[self.rank]
+
+
+class TrainTask:
+    """What a `Trainer` trains. The Trainer owns optimisation (AdamW, warm-up, clipping, EMA,
+    mixed precision), the global-batch split over ranks, checkpoints and exact resume; a task owns
+    the rows, the model, one rank's batch and the per-sample loss."""
+
+    kind = "task"  # recorded as state["task"]; a checkpoint of another kind is refused
+
+    def num_rows(self) -> int:
+        """Rows the epoch-wise shuffles run over."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The trained module; called once, right after ``torch.manual_seed(train.seed)``."""
+        raise NotImplementedError
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Modules the loss evaluates but never trains (see DiffusionLoss.frozen_modules)."""
+        return {}
+
+    def make_batch(self, plan: StepBatch) -> dict[str, Tensor]:
+        """This rank's batch (CPU tensors) for ``plan``; every random draw from its generators."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Per-sample losses [B] of ``model`` (the DDP-wrapped one on Ray Train)."""
+        raise NotImplementedError
+
+    def content_hash(self) -> str:
+        """The data's content hash, compared on resume (training.resume.check_resume)."""
+        raise NotImplementedError
+
+    def data_state(self) -> dict[str, Any]:
+        """The checkpoint's "data" entry: at least shape, num_classes and content_hash."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """More top-level checkpoint entries (e.g. what sampling needs to rebuild the model)."""
+        return {}
+
+    def check_state(self, state: dict[str, Any], source: Path, resume: bool = True) -> None:
+        """CheckpointError if ``state`` (to resume, or with ``resume`` False to initialise
+        from: train.init_from) does not fit this task's data."""
+        saved = state.get("data", {})
+        ours = self.data_state()
+        for key in ("shape", "num_classes"):
+            if key in saved and saved[key] != ours[key]:
+                raise CheckpointError(f"{source}: trained on data with {key}={saved[key]}, this "
+                                      f"dataset has {ours[key]}")
+
+
+class ScoreTask(TrainTask):
+    """The score model: ``diffusion.loss`` (or ``loss``) around the ``model`` network on an
+    in-memory ImageDataset, with augmentation and label dropout for classifier-free guidance."""
+
+    kind = "score"
+
+    def __init__(self, cfg: ExperimentConfig, dataset: Any,
+                 loss: DiffusionLoss | None = None) -> None:
+        self.cfg = cfg
+        self.dataset = dataset
+        self.num_classes = int(dataset.num_classes)
+        self._loss = loss
+
+    def num_rows(self) -> int:
+        return len(self.dataset.images)
+
+    def build_model(self) -> nn.Module:
+        from debiaslab.data.augment import build_augment
+
+        import debiaslab.methods  # noqa: F401  (registers the methods' losses and weightings)
+
+        self.loss_fn: DiffusionLoss = self._loss if self._loss is not None else build_loss(self.cfg)
+        self.augment = build_augment(self.cfg.data.augment)
+        self.net = build_score_net(self.cfg, tuple(self.dataset.shape), self.num_classes)
+        model = self.loss_fn.wrap(self.net)
+        self.conditional = getattr(self.net, "num_classes", None) is not None
+        self.loss_fn.setup(torch.tensor(self.dataset.class_counts(), dtype=torch.long),
+                           self.num_classes if self.conditional else None)
+        return model
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return self.loss_fn.frozen_modules()
+
+    def make_batch(self, plan: StepBatch) -> dict[str, Tensor]:
+        """x0, noise level, noise and (dropped-out) labels for this rank."""
+        cfg = self.cfg.train
+        idx = plan.indices
+        x0 = self.dataset.to_float(self.dataset.images[idx])
+        g = plan.generator(STREAM_NOISE)
+        level = plan.mine(self.loss_fn.sample_noise_level(plan.size, g))
+        noise = plan.mine(torch.randn((plan.size,) + tuple(x0.shape[1:]), generator=g))
+        g_aug = plan.generator(STREAM_BATCH)
+        x0, aug = self.augment(x0, g_aug, rank=plan.rank, world_size=plan.world_size)
+        batch = {"x0": x0, "level": level, "noise": noise}
+        if aug is not None:
+            batch["aug"] = aug
+        if self.conditional:
+            y = self.dataset.labels[idx].clone()
+            if cfg.label_dropout_mode == "batch":  # one coin per step for the whole batch
+                if float(torch.rand(1, generator=g_aug)) < cfg.label_dropout:
+                    y[:] = self.num_classes
+            else:
+                drop = torch.rand(plan.size, generator=g_aug) < cfg.label_dropout
+                y[plan.mine(drop)] = self.num_classes  # null label
+            batch["y"] = y
+        g_loss = plan.generator(STREAM_LOSS)
+        for key, value in self.loss_fn.draw_inputs(plan.size, g_loss).items():
+            batch[key] = plan.mine(value)
+        return batch
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        cond = {k: v for k, v in batch.items() if k not in ("x0", "level", "noise")}
+        return self.loss_fn(model, batch["x0"], batch["level"], batch["noise"], **cond)
+
+    def content_hash(self) -> str:
+        return str(self.dataset.content_hash)
+
+    def data_state(self) -> dict[str, Any]:
+        return {
+            "shape": list(self.dataset.shape),
+            "num_classes": self.num_classes,
+            "class_names": list(self.dataset.class_names),
+            "content_hash": self.content_hash(),
+        }
+
+
+# -------------------------------------------------------------------------------- trainer
+
+
 class Trainer:
-    """Trains one score model on an in-memory :class:`ImageDataset` (rank ``rank`` of
-    ``world_size``; the global batch is ``train.batch_size * world_size``)."""
+    """Trains a `TrainTask` (given an ImageDataset: the score model, `ScoreTask`) as rank
+    ``rank`` of ``world_size``.
+
+    ``train.batch_size`` is the GLOBAL batch: each step takes the next ``train.batch_size`` rows
+    of the epoch-wise shuffles and rank r trains on its contiguous 1/world_size of them, with the
+    timesteps and noise one process would draw for those rows. DDP averages the ranks' mean
+    losses, so W workers equal one process at the same ``train.batch_size`` up to float
+    summation order; ``train.batch_size`` must be divisible by ``world_size``.
+    """
 
     def __init__(
         self,
         cfg: ExperimentConfig,
-        dataset: Any,
+        data: Any,
         run_dir: str | Path,
         *,
         rank: int = 0,
@@ -153,8 +319,11 @@ class Trainer:
         progress: bool = True,
         on_report: ReportFn | None = None,
     ) -> None:
+        if cfg.train.batch_size % world_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                              f"distributed.num_workers={world_size}")
         self.cfg = cfg
-        self.dataset = dataset
+        self.task: TrainTask = data if isinstance(data, TrainTask) else ScoreTask(cfg, data)
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.rank, self.world_size = rank, world_size
@@ -167,13 +336,8 @@ class Trainer:
         self.progress = progress and rank == 0
 
         torch.manual_seed(cfg.train.seed)
-        from debiaslab.data.augment import build_augment
-
-        self.loss_fn: DiffusionLoss = build_loss(cfg)
-        self.augment = build_augment(cfg.data.augment)
-        self.num_classes = int(dataset.num_classes)
-        self.net = build_net(cfg, tuple(dataset.shape), self.num_classes)
-        self.model = self.loss_fn.wrap(self.net).to(self.device)
+        self.model = self.task.build_model().to(self.device)
+        self.frozen = self._freeze(self.task.frozen_modules())
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
@@ -185,15 +349,36 @@ class Trainer:
         self._params = list(self.model.parameters())
         self.step = 0
         self.resume_changes: dict[str, tuple] = {}  # allowed config changes found on resume
-        self.conditional = self.net_is_conditional()
-        self.loss_fn.setup(torch.tensor(self.dataset.class_counts(), dtype=torch.long),
-                           self.num_classes if self.conditional else None)
         self._perm_cache: dict[int, Tensor] = {}
 
-    # ---------------------------------------------------------------- state
-    def net_is_conditional(self) -> bool:
-        return getattr(self.net, "num_classes", None) is not None
+    # ---------------------------------------------------------------- the task's parts
+    @property
+    def dataset(self) -> Any:
+        return getattr(self.task, "dataset", None)
 
+    @property
+    def net(self) -> nn.Module:
+        return self.task.net  # type: ignore[attr-defined]
+
+    @property
+    def loss_fn(self) -> DiffusionLoss | None:
+        return getattr(self.task, "loss_fn", None)
+
+    @property
+    def num_classes(self) -> int:
+        return self.task.num_classes  # type: ignore[attr-defined]
+
+    def _freeze(self, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """Frozen modules on the device, without gradients, in eval mode; never trained."""
+        trained = {id(p) for p in self.model.parameters()}
+        for name, module in modules.items():
+            module.to(self.device).requires_grad_(False).eval()
+            if any(id(p) in trained for p in module.parameters()):
+                raise ValueError(f"frozen module {name!r} shares parameters with the trained "
+                                 f"model; a loss's frozen modules must be separate")
+        return dict(modules)
+
+    # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -206,12 +391,11 @@ class Trainer:
             "step": self.step,
             "config": to_dict(self.cfg),
             "rng": rng,
-            "data": {
-                "shape": list(self.dataset.shape),
-                "num_classes": self.num_classes,
-                "class_names": list(self.dataset.class_names),
-                "content_hash": str(self.dataset.content_hash),
-            },
+            "data": self.task.data_state(),
+            "task": self.task.kind,
+            # train.batch_size is the global batch (checkpoints without this entry predate that)
+            "batch": {"global": self.cfg.train.batch_size, "world_size": self.world_size},
+            **self.task.extra_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
@@ -219,9 +403,12 @@ class Trainer:
         what the run means (training.resume)."""
         from debiaslab.training.resume import check_resume
 
-        self.resume_changes = check_resume(self.cfg, state, source,
-                                           str(self.dataset.content_hash))
-        self._check_model_config(state, source)
+        kind = state.get("task", ScoreTask.kind)
+        if kind != self.task.kind:
+            raise CheckpointError(f"{source}: is a {kind} checkpoint, this run trains a "
+                                  f"{self.task.kind}; use a new name or output_dir")
+        self.resume_changes = check_resume(self.cfg, state, source, self.task.content_hash())
+        self.task.check_state(state, source)
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
@@ -249,14 +436,6 @@ class Trainer:
             group["lr"] = t.lr * lam(self.scheduler.last_epoch)
             group["weight_decay"] = t.weight_decay
 
-    def _check_model_config(self, state: dict[str, Any], source: Path) -> None:
-        saved = state.get("data", {})
-        ours = {"shape": list(self.dataset.shape), "num_classes": self.num_classes}
-        for key, value in ours.items():
-            if key in saved and saved[key] != value:
-                raise CheckpointError(f"{source}: trained on data with {key}={saved[key]}, this "
-                                      f"dataset has {value}")
-
     def initialize_from(self, path: str | Path) -> Path:
         """Fine-tuning: start from the weights (EMA by default, ``train.init_weights``) of
         another run's checkpoint; optimizer, schedule, EMA and step start fresh."""
@@ -264,7 +443,7 @@ class Trainer:
 
         source = resolve_checkpoint(path)
         state = load_checkpoint(source, map_location=self.device)
-        self._check_model_config(state, source)
+        self.task.check_state(state, source, resume=False)
         try:
             weights = (state["ema"]["shadow"] if self.cfg.train.init_weights == "ema"
                        else state["model"])
@@ -292,13 +471,14 @@ class Trainer:
     def _epoch_perm(self, epoch: int) -> Tensor:
         if epoch not in self._perm_cache:
             g = torch.Generator().manual_seed(self.cfg.train.seed * _SEED_STRIDE + epoch)
-            self._perm_cache = {epoch: torch.randperm(len(self.dataset.images), generator=g)}
+            self._perm_cache = {epoch: torch.randperm(self.task.num_rows(), generator=g)}
         return self._perm_cache[epoch]
 
     def batch_indices(self, step: int) -> Tensor:
-        """This rank's dataset indices for ``step``: epoch-wise shuffles, deterministic."""
-        n = len(self.dataset.images)
-        gb = self.cfg.train.batch_size * self.world_size
+        """This rank's row indices for ``step``: its slice of the global batch of the epoch-wise
+        shuffles (deterministic, the same however many ranks share the batch)."""
+        n = self.task.num_rows()
+        gb = self.cfg.train.batch_size
         pos = torch.arange(step * gb, (step + 1) * gb)
         epochs, offsets = pos // n, pos % n
         idx = torch.empty(gb, dtype=torch.long)
@@ -308,41 +488,18 @@ class Trainer:
         return idx.view(self.world_size, -1)[self.rank]
 
     def make_batch(self, step: int) -> dict[str, Tensor]:
-        """x0, noise level, noise and (dropped-out) labels for this rank at ``step``."""
-        cfg = self.cfg.train
-        idx = self.batch_indices(step)
-        x0 = self.dataset.to_float(self.dataset.images[idx])
-        gb = cfg.batch_size * self.world_size
-        g = step_generator(cfg.seed, step, _STREAM_NOISE)
-        level = self.loss_fn.sample_noise_level(gb, g).view(self.world_size, -1)[self.rank]
-        noise = torch.randn((gb,) + tuple(x0.shape[1:]), generator=g)
-        noise = noise.view(self.world_size, -1, *x0.shape[1:])[self.rank]
-        g_aug = step_generator(cfg.seed, step, _STREAM_BATCH)
-        x0, aug = self.augment(x0, g_aug, rank=self.rank, world_size=self.world_size)
-        batch = {"x0": x0, "level": level, "noise": noise}
-        if aug is not None:
-            batch["aug"] = aug
-        if self.conditional:
-            y = self.dataset.labels[idx].clone()
-            if cfg.label_dropout_mode == "batch":  # one coin per step for the whole batch
-                if float(torch.rand(1, generator=g_aug)) < cfg.label_dropout:
-                    y[:] = self.num_classes
-            else:
-                drop = torch.rand(gb, generator=g_aug) < cfg.label_dropout
-                y[drop.view(self.world_size, -1)[self.rank]] = self.num_classes  # null label
-            batch["y"] = y
-        g_loss = step_generator(cfg.seed, step, _STREAM_LOSS)
-        for key, value in self.loss_fn.draw_inputs(gb, g_loss).items():
-            batch[key] = value.view(self.world_size, -1, *value.shape[1:])[self.rank]
+        """This rank's batch at ``step`` (the task's inputs), on the device."""
+        plan = StepBatch(step=step, seed=self.cfg.train.seed, size=self.cfg.train.batch_size,
+                         rank=self.rank, world_size=self.world_size,
+                         indices=self.batch_indices(step))
+        batch = self.task.make_batch(plan)
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ---------------------------------------------------------------- loop
     def train_step(self, batch: dict[str, Tensor]) -> tuple[float, float]:
         self.train_model.train()
-        cond = {k: v for k, v in batch.items() if k not in ("x0", "level", "noise")}
         with autocast(self.cfg.train.precision, self.device):
-            per_sample = self.loss_fn(self.train_model, batch["x0"], batch["level"],
-                                      batch["noise"], **cond)
+            per_sample = self.task.loss(self.train_model, batch)
         loss = per_sample.float().mean()
         if not torch.isfinite(loss):
             latest = latest_checkpoint(self.ckpt_dir)

@@ -5,7 +5,8 @@ them with the current config: keys that only steer bookkeeping (``RESUME_IGNORED
 how often to log or checkpoint, where files go, sampling and evaluation) may differ freely; keys
 listed in ``train.resume_allow`` (a subset of ``RESUME_ADJUSTABLE``) may differ and are reported;
 any other difference, a different dataset, or ``train.steps`` below the checkpoint's step is a
-one-line :class:`CheckpointError` that lists the keys.
+one-line :class:`CheckpointError` that lists the keys. Checkpoints of multi-worker Ray runs from
+before ``train.batch_size`` meant the global batch (no ``batch`` entry) are refused too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from debiaslab.config import (
-    RESUME_ADJUSTABLE, RESUME_COMPARED_DATA, RESUME_IGNORED, ExperimentConfig, to_dict,
+    RESUME_ADJUSTABLE, RESUME_COMPARED_DATA, RESUME_IGNORED, ExperimentConfig,
+    drop_removed_keys, to_dict,
 )
 from debiaslab.errors import CheckpointError
 
@@ -48,7 +50,7 @@ def _world_size(flat: dict[str, Any]) -> int:
 
 def config_differences(saved: dict[str, Any], current: ExperimentConfig) -> dict[str, tuple]:
     """{key: (checkpoint value, current value)} for every compared key that differs."""
-    old, new = _flat(saved), _flat(to_dict(current))
+    old, new = _flat(drop_removed_keys(saved)), _flat(to_dict(current))
     old[WORLD_SIZE_KEY], new[WORLD_SIZE_KEY] = _world_size(old), _world_size(new)
     defaults = _flat(to_dict(ExperimentConfig()))
     diffs = {}
@@ -63,6 +65,21 @@ def config_differences(saved: dict[str, Any], current: ExperimentConfig) -> dict
     return diffs
 
 
+def check_batch_semantics(state: dict[str, Any], source: Path) -> None:
+    """Refuse a checkpoint written when ``train.batch_size`` was per worker by a run of several
+    Ray Train workers: it trained at a global batch of num_workers x batch_size."""
+    if "batch" in state:  # written since train.batch_size means the global batch
+        return
+    flat = _flat(drop_removed_keys(state.get("config", {})))
+    workers = _world_size(flat)
+    if workers > 1:
+        per_worker = flat.get("train.batch_size")
+        raise CheckpointError(
+            f"{source}: written when train.batch_size was per worker ({workers} workers x "
+            f"{per_worker}); train.batch_size now means the global batch, so resuming would "
+            f"change the run; use a new name or output_dir")
+
+
 def check_resume(cfg: ExperimentConfig, state: dict[str, Any], source: Path,
                  dataset_hash: str | None = None) -> dict[str, tuple]:
     """Refuse a resume that would change what the run means; return the allowed changes."""
@@ -71,6 +88,7 @@ def check_resume(cfg: ExperimentConfig, state: dict[str, Any], source: Path,
         raise CheckpointError(
             f"{source}: the run is already at step {step}, above train.steps={cfg.train.steps}; "
             f"raise train.steps to continue, or use a new name to start over")
+    check_batch_semantics(state, source)
     saved_hash = state.get("data", {}).get("content_hash")
     if dataset_hash is not None and saved_hash and saved_hash != dataset_hash:
         raise CheckpointError(
