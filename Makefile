@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: venv quickstart test bench
+.PHONY: venv quickstart test lint bench
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ venv: $(STAMP)
 quickstart: $(STAMP)
 	$(VENV)/bin/debiaslab quickstart
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check platform jobs tests
 
 bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_training.py
@@ -26,3 +29,5 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_fid.py
 	$(PY) tests/benchmarks/bench_ray_data.py
 	$(PY) tests/benchmarks/bench_ray_train.py
+	$(PY) tests/benchmarks/bench_guidance.py
+	$(PY) tests/benchmarks/bench_map_memory.py

@@ -1,4 +1,5 @@
-"""Shared argument handling for the thin job entry points (`ray job submit ... python jobs/X.py`)."""
+"""Shared argument handling for the thin job entry points
+(`ray job submit ... python jobs/X.py`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Build the configured dataset as Parquet shards.
 
-Usage: python jobs/build_data.py --config configs/experiments/X.yaml [--set key=value ...] [--dry-run]
+Usage: python jobs/build_data.py --config configs/experiments/X.yaml [--set key=value ...]
+       [--dry-run]
 """
 
 import sys

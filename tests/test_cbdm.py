@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as TINY_CORE
+from conftest import local_ray
 from torch import nn
 
 from debiaslab.config import load_config
@@ -21,10 +23,8 @@ from debiaslab.training.checkpoint import load_checkpoint
 from debiaslab.training.loop import Trainer
 
 T = 1000
-TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-        "model.head_channels=16", "train.batch_size=16", "train.warmup_steps=2",
-        "train.log_every=5", "train.checkpoint_every=5", "train.device=cpu",
-        "diffusion.loss=cbdm", "train.label_dropout=0.1"]
+TINY = TINY_CORE + ["train.warmup_steps=2", "train.log_every=5", "train.checkpoint_every=5",
+                    "diffusion.loss=cbdm", "train.label_dropout=0.1"]
 
 
 class Affine(nn.Module):
@@ -197,12 +197,12 @@ def test_ada_augmentation_vector_reaches_the_network(tmp_path, digits_lt):
     assert trainer.net.cond.aug_emb.weight.grad is not None
     trained = load_trained(tmp_path, device="cpu")  # sampling: aug vector zero (None)
     x = torch.randn(2, *trained.shape)
-    assert torch.isfinite(trained.denoiser(x, torch.tensor([10, 900]), y=torch.tensor([0, 1]))).all()
+    assert torch.isfinite(
+        trained.denoiser(x, torch.tensor([10, 900]), y=torch.tensor([0, 1]))).all()
 
 
 def test_cbdm_ddp_on_ray_train_equals_one_process(tmp_path, digits_lt, monkeypatch):
     """2 gloo workers x 8 on Ray Train == 1 process x 16 (same y', dropout coin, noise)."""
-    from debiaslab.distributed.runtime import init_ray, shutdown_ray
     from debiaslab.distributed.train import train_distributed
     from debiaslab.pipeline import build_data
 
@@ -216,11 +216,8 @@ def test_cbdm_ddp_on_ray_train_equals_one_process(tmp_path, digits_lt, monkeypat
     ddp = tiny_cfg(tmp_path / "ddp", *common, "distributed.backend=ray",
                    "distributed.num_workers=2", "distributed.cpus_per_worker=0.5",
                    f"data.dataset_dir={single.dataset_path}")
-    init_ray(num_cpus=2, object_store_memory_gb=1.0)
-    try:
+    with local_ray():
         result = train_distributed(ddp)
-    finally:
-        shutdown_ray()
     a = load_checkpoint(one.checkpoint)["model"]
     b = load_checkpoint(result.checkpoint)["model"]
     for k in a:

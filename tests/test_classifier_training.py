@@ -16,9 +16,18 @@ from debiaslab.diffusion.schedules import build_schedule
 from debiaslab.errors import CheckpointError, ConfigError
 from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
 from debiaslab.training.classifier import (
-    ClassifierTask, classifier_experiment, dataset_labels, evaluate_classifier, feature_data,
-    image_data, load_classifier, load_classifier_data, plot_classifier_evaluation, split_data,
-    stratified_split, train_classifier,
+    ClassifierTask,
+    classifier_experiment,
+    dataset_labels,
+    evaluate_classifier,
+    feature_data,
+    image_data,
+    load_classifier,
+    load_classifier_data,
+    plot_classifier_evaluation,
+    split_data,
+    stratified_split,
+    train_classifier,
 )
 from debiaslab.training.loop import Trainer
 

@@ -5,20 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import recipe_runs
+from conftest import TINY as TINY_CORE
+from conftest import recipe_runs, sets
 
 from debiaslab.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-        "model.head_channels=16", "train.batch_size=16", "train.steps=12",
-        "train.log_every=4", "train.checkpoint_every=6", "train.device=cpu",
-        "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20",
-        "metrics.bootstrap=20"]
-
-
-def sets(items):
-    return [a for item in items for a in ("--set", item)]
+TINY = TINY_CORE + ["train.steps=12", "train.log_every=4", "train.checkpoint_every=6",
+                    "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20",
+                    "metrics.bootstrap=20"]
 
 
 @pytest.mark.parametrize("argv", [[], ["quickstart"], ["data"], ["data", "build"], ["train"],
@@ -84,7 +79,8 @@ def test_run_end_to_end_records_mlflow(tmp_path, capsys):
     assert run.data.tags["debiaslab.method"] == "diffusion"  # the recipe, not the loss
     train = children["train"]
     assert train.data.params["stage.train.steps"] == "12"
-    assert [m.step for m in client.get_metric_history(train.info.run_id, "train/loss")] == [4, 8, 12]
+    history = client.get_metric_history(train.info.run_id, "train/loss")
+    assert [m.step for m in history] == [4, 8, 12]
     assert children["data"].data.tags["dataset.train.hash"]
     assert "debiaslab.git_commit" in run.data.tags
     arts = {a.path for a in client.list_artifacts(children["sample"].info.run_id, "samples")}
@@ -138,7 +134,8 @@ def test_quickstart_end_to_end_tiny(tmp_path, capsys):
 
 
 def test_sigterm_during_training_ends_run_killed(tmp_path):
-    """A real SIGTERM mid-training: exit 143, one-line message, MLflow run KILLED, checkpoint kept."""
+    """A real SIGTERM mid-training: exit 143, one-line message, MLflow run KILLED, checkpoint
+    kept."""
     import signal
     import time
 

@@ -9,32 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as TINY_CORE
+from conftest import one_line_error, sets
 
-from debiaslab.cli import main
 from debiaslab.errors import os_error_message, user_error_message
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-        "model.head_channels=16", "train.batch_size=16", "train.steps=4", "train.log_every=2",
-        "train.checkpoint_every=2", "train.device=cpu", "sample.num_samples=4",
-        "sample.steps=3", "sample.batch_size=4", "sample.samplers=[ddim]"]
-
-
-def sets(items):
-    return [a for item in items for a in ("--set", item)]
-
-
-def one_line_error(capsys, argv, *needles):
-    """Run the CLI in-process; assert exit 2, one stderr line holding every needle."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("debiaslab:")]
-    assert code == 2, err
-    assert len(lines) == 1, err  # progress lines of the work before the error may precede it
-    assert "Traceback" not in err and "\x1b[" not in err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+TINY = TINY_CORE + ["train.steps=4", "train.log_every=2", "train.checkpoint_every=2",
+                    "sample.num_samples=4", "sample.steps=3", "sample.batch_size=4",
+                    "sample.samplers=[ddim]"]
 
 
 # ----------------------------------------------------------------------------- config values

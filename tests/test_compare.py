@@ -26,8 +26,8 @@ def store(tmp_path_factory):
         for seed in range(3):
             tags = {GROUP_TAG: group, SEED_TAG: str(seed), METHOD_TAG: loss}
             with Tracker(root, "cmp", f"{group}-s{seed}", tags=tags, tracking_uri=uri) as t:
-                t.log_params({"diffusion.loss": loss, "train.seed": seed, "name": f"{group}-s{seed}",
-                              "cbdm.tau": 1.0})
+                t.log_params({"diffusion.loss": loss, "train.seed": seed,
+                              "name": f"{group}-s{seed}", "cbdm.tau": 1.0})
                 t.log_metrics({"eval/fid": FID[group][seed], "eval/recall": RECALL[group][seed]})
     with pytest.raises(RuntimeError):  # a failed run is never compared
         with Tracker(root, "cmp", "broken", tags={GROUP_TAG: "base"}, tracking_uri=uri) as t:

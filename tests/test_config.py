@@ -3,17 +3,12 @@
 from pathlib import Path
 
 import pytest
+from conftest import one_line
 
 from debiaslab.config import ExperimentConfig, apply_overrides, from_dict, load_config
 from debiaslab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg
-    return msg
 
 
 def test_defaults_validate():

@@ -82,7 +82,7 @@ def test_long_tail_counts_match_cbdm() -> None:
     assert counts100[0] == 500 and counts100[-1] == 5
     assert long_tail_counts(7, 1, 0.5) == [7]
     for bad in (0.0, 1.5, -0.1):
-        expect_data_error(lambda: long_tail_counts(10, 3, bad), "imb_factor")
+        expect_data_error(lambda bad=bad: long_tail_counts(10, 3, bad), "imb_factor")
 
 
 def test_digits_arrays(digits: ImageArrays) -> None:

@@ -1,4 +1,5 @@
-"""Schedules, prediction-target conversions and the weighting identities of docs/algorithms.md §5.2."""
+"""Schedules, prediction-target conversions and the weighting identities of
+docs/algorithms.md §5.2."""
 
 import math
 
@@ -12,7 +13,6 @@ from debiaslab.diffusion.parameterization import TARGETS, convert, eps_to_v
 from debiaslab.diffusion.schedules import build_schedule, karras_sigmas
 from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
 from debiaslab.errors import ConfigError
-
 
 
 @pytest.fixture(autouse=True)
@@ -105,7 +105,8 @@ def test_target_conversions_are_exact(linear):
     ("debias", {}), ("edm", {"sigma_data": 0.5}),
 ])
 def test_weighting_identities_hold_for_every_target(linear, weighting, params):
-    """lambda_eps ||eps - eps^||^2 == lambda_y ||y - y^||^2 for y in {x0, v} (docs/algorithms.md §5.2)."""
+    """lambda_eps ||eps - eps^||^2 == lambda_y ||y - y^||^2 for y in {x0, v}
+    (docs/algorithms.md §5.2)."""
     x0, eps, t, a, s, x_t = _random_state(linear)
     eps_hat = eps + 0.3 * torch.randn_like(eps)  # any prediction, expressed in every target
     x0_hat = TARGETS.get("eps").to_x0(eps_hat, x_t, a, s)

@@ -3,7 +3,6 @@ replace their output, failed batches are retried, sampled images depend only on 
 map outputs (N-D tensor columns too) are sorted and byte-identical for any layout, and a map job
 writes a side table."""
 
-import os
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import TINY as TINY_CORE
+from conftest import local_ray
 
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
@@ -19,16 +20,14 @@ from debiaslab.data.schema import encode_png, read_manifest, tensor_field
 from debiaslab.data.side_tables import join, list_side_tables, read_side_table
 from debiaslab.data.sources import build_dataset
 from debiaslab.distributed import data as dd
-from debiaslab.distributed.runtime import init_ray, shutdown_ray
 from debiaslab.metrics.features import build_extractor
 from debiaslab.sampling import generate, load_trained, sample_labels
 from debiaslab.training.loop import Trainer
 
 RAY_TMP = "/tmp/dl-data-test"  # short (socket paths) and separate from other local clusters
 FEATURE_TOLERANCE = 1e-5
-TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-        "model.head_channels=16", "train.batch_size=16", "train.steps=5", "train.warmup_steps=2",
-        "train.checkpoint_every=5", "train.device=cpu", "name=tiny"]
+TINY = TINY_CORE + ["train.steps=5", "train.warmup_steps=2", "train.checkpoint_every=5",
+                    "name=tiny"]
 SAMPLE_SEEDS = range(3, 15)
 SAMPLE_STEPS = 4
 FLAKY_ID = "digits-0700"  # the batch holding this row raises once
@@ -42,19 +41,9 @@ TENSOR_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    old = os.environ.get("DEBIASLAB_RAY_TMP")
-    os.environ["DEBIASLAB_RAY_TMP"] = RAY_TMP
-    import ray.cloudpickle
-
     # actors unpickle this module's mapper classes by value (the test module is not importable)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    init_ray(num_cpus=2, object_store_memory_gb=1.0)
-    yield
-    shutdown_ray()
-    if old is None:
-        os.environ.pop("DEBIASLAB_RAY_TMP", None)
-    else:
-        os.environ["DEBIASLAB_RAY_TMP"] = old
+    with local_ray(sys.modules[__name__], ray_tmp=RAY_TMP):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import TINY as TINY_CORE
+from conftest import local_ray, mlflow_server_process
 
 from debiaslab.config import ExperimentConfig, load_config
-from debiaslab.distributed.runtime import init_ray, ray_env, shutdown_ray
 from debiaslab.pipeline import build_data, load_training_data
 from debiaslab.training.checkpoint import list_checkpoints, load_checkpoint
 from debiaslab.training.loop import Trainer
@@ -27,12 +25,10 @@ from debiaslab.training.loop import Trainer
 STEPS, CKPT_EVERY, LOG_EVERY, KILL_AT = 40, 10, 5, 15
 REGISTER_WAIT_S = 5.0
 WORKERS = 2
-TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-        "model.head_channels=16", "train.batch_size=16", "train.warmup_steps=5",
-        f"train.log_every={LOG_EVERY}", f"train.checkpoint_every={CKPT_EVERY}",
-        f"train.steps={STEPS}", "train.keep_checkpoints=2", "train.device=cpu",
-        f"distributed.num_workers={WORKERS}", "distributed.max_failures=1",
-        "tracking.experiment=ray-train-test"]
+TINY = TINY_CORE + ["train.warmup_steps=5", f"train.log_every={LOG_EVERY}",
+                    f"train.checkpoint_every={CKPT_EVERY}", f"train.steps={STEPS}",
+                    "train.keep_checkpoints=2", f"distributed.num_workers={WORKERS}",
+                    "distributed.max_failures=1", "tracking.experiment=ray-train-test"]
 SERVER_START_TIMEOUT_S = 150.0  # ~10 s idle; far longer on a busy 2-core box
 
 
@@ -93,45 +89,12 @@ def max_abs_diff(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, t
 # ------------------------------------------------------------------------------ fixtures
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, artifacts in tmp), stopped by PID."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-           "--artifacts-destination", str(root / "artifacts")]
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (start_new_session)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    log.close()
+    with mlflow_server_process(tmp_path_factory.mktemp("mlflow-server"),
+                               timeout=SERVER_START_TIMEOUT_S) as uri:
+        yield uri
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +105,9 @@ def out_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ray_cluster(out_dir):
     """One small local Ray for the module (2 CPUs, 1 GiB object store), always shut down."""
-    ray_env()  # before ray is imported: loopback-only head, no telemetry
-    import ray.cloudpickle
-
     # workers cannot import this test module: ship its factory and Trainer subclass by value
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    init_ray(num_cpus=2, object_store_memory_gb=1.0)
-    yield
-    shutdown_ray()
+    with local_ray(sys.modules[__name__]):
+        yield
 
 
 def make_cfg(out_dir: Path, name: str, *extra: str) -> ExperimentConfig:
@@ -247,7 +205,10 @@ def test_classifier_ddp_on_ray_train_equals_one_process(ray_cluster, out_dir):
     any output."""
     from debiaslab.distributed.train import train_distributed
     from debiaslab.training.classifier import (
-        classifier_experiment, load_classifier, load_classifier_data, train_classifier,
+        classifier_experiment,
+        load_classifier,
+        load_classifier_data,
+        train_classifier,
     )
 
     cfg = classifier_experiment(make_cfg(out_dir, "clf", *CLASSIFIER))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import one_line
 
 from debiaslab.data.digits import load_digits_arrays
 from debiaslab.data.schema import ImageArrays
@@ -101,12 +102,6 @@ def inception(inception_weights: Path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tfi, "load_state_dict_from_url", no_download)
         return build_extractor("inception", weights_path=str(inception_weights), device="cpu")
-
-
-def _one_line_error(excinfo: pytest.ExceptionInfo) -> str:
-    message = str(excinfo.value)
-    assert message and "\n" not in message
-    return message
 
 
 # ------------------------------------------------------------------------ digits classifier
@@ -232,7 +227,7 @@ def test_digits_input_errors_are_one_line(digits: DigitsExtractor, images: np.nd
                                           pattern: str) -> None:
     with pytest.raises(DataError) as excinfo:
         digits.extract(images)
-    assert re.search(pattern, _one_line_error(excinfo))
+    assert re.search(pattern, one_line(excinfo))
 
 
 def test_registry_and_bad_options(digits: DigitsExtractor) -> None:
@@ -279,10 +274,10 @@ def test_inception_input_errors(inception) -> None:
     with pytest.raises(DataError) as excinfo:
         inception.extract(np.zeros((2, 2, 16, 16), np.uint8))
     assert re.search(r"got images of shape 2x16x16 .* expected 1/3 channels",
-                     _one_line_error(excinfo))
+                     one_line(excinfo))
     with pytest.raises(DataError) as excinfo:
         inception.extract(np.zeros((0, 3, 16, 16), np.uint8))
-    _one_line_error(excinfo)
+    one_line(excinfo)
 
 
 def test_inception_missing_weights_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -291,12 +286,12 @@ def test_inception_missing_weights_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert default_weights_path() == expected
     with pytest.raises(DebiaslabError) as excinfo:
         build_extractor("inception")
-    message = _one_line_error(excinfo)
+    message = one_line(excinfo)
     assert str(expected) in message and WEIGHTS_OPTION in message and "never downloads" in message
     missing = tmp_path / "elsewhere" / "inception.pth"
     with pytest.raises(DebiaslabError) as excinfo:
         build_extractor("inception", weights_path=str(missing))
-    message = _one_line_error(excinfo)
+    message = one_line(excinfo)
     assert str(missing) in message and WEIGHTS_OPTION in message
     assert not expected.exists()  # nothing was fetched into the hub cache
 
@@ -306,9 +301,9 @@ def test_inception_bad_weights_files(tmp_path: Path) -> None:
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError) as excinfo:
         build_extractor("inception", weights_path=str(garbage))
-    assert "not a readable Inception weights file" in _one_line_error(excinfo)
+    assert "not a readable Inception weights file" in one_line(excinfo)
     wrong = tmp_path / "wrong.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, wrong)
     with pytest.raises(CheckpointError) as excinfo:
         build_extractor("inception", weights_path=str(wrong))
-    assert "not torch-fidelity Inception-v3 weights" in _one_line_error(excinfo)
+    assert "not torch-fidelity Inception-v3 weights" in one_line(excinfo)

@@ -16,7 +16,10 @@ from torch import Tensor, nn
 from debiaslab.config import apply_overrides, from_dict, load_config
 from debiaslab.diffusion.denoiser import VPDenoiser
 from debiaslab.diffusion.guidance import (
-    ClassifierFreeGuidance, ClassifierGuidance, ClassifierLogProb, GuidanceContext,
+    ClassifierFreeGuidance,
+    ClassifierGuidance,
+    ClassifierLogProb,
+    GuidanceContext,
     build_guidance,
 )
 from debiaslab.diffusion.samplers import sample

@@ -1,5 +1,6 @@
-"""Metric math on feature arrays (docs/algorithms.md §6) against independent references: closed forms,
-scipy sqrtm, scikit-learn's LOF/kNN, the prdc package and hand-written O(n^2) loops."""
+"""Metric math on feature arrays (docs/algorithms.md §6) against independent references:
+closed forms, scipy sqrtm, scikit-learn's LOF/kNN, the prdc package and hand-written O(n^2)
+loops."""
 
 import math
 
@@ -7,20 +8,34 @@ import numpy as np
 import prdc as prdc_package
 import pytest
 import scipy.linalg
+from conftest import one_line
 from scipy.spatial.distance import cdist
 from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
 
 from debiaslab.errors import ConfigError, DataError
 from debiaslab.metrics import fid as fid_mod
 from debiaslab.metrics.fairness import (
-    attribute_distribution, fairness_discrepancy, joint_fairness_discrepancy, joint_labels,
+    attribute_distribution,
+    fairness_discrepancy,
+    joint_fairness_discrepancy,
+    joint_labels,
 )
 from debiaslab.metrics.fid import (
-    fid_from_features, frechet_distance, frechet_distance_batch, frechet_distance_sqrtm,
-    gaussian_stats, inception_score, kid, load_stats, save_stats,
+    fid_from_features,
+    frechet_distance,
+    frechet_distance_batch,
+    frechet_distance_sqrtm,
+    gaussian_stats,
+    inception_score,
+    kid,
+    load_stats,
+    save_stats,
 )
 from debiaslab.metrics.minority import (
-    avg_knn, local_outlier_factor, minority_summary, rarity_score,
+    avg_knn,
+    local_outlier_factor,
+    minority_summary,
+    rarity_score,
 )
 from debiaslab.metrics.per_class import head_tail_split, per_class_metrics
 from debiaslab.metrics.prdc import k_nearest_radii, prdc
@@ -32,12 +47,6 @@ EXACT = 1e-12
 
 def rel_err(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
-
-
-def one_line(exc: pytest.ExceptionInfo) -> str:
-    msg = str(exc.value)
-    assert msg and "\n" not in msg
-    return msg
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,19 @@
-"""`distributed.backend: ray` through the CLI: Ray Train trains, Ray Data samples, MLflow records."""
+"""`distributed.backend: ray` through the CLI: Ray Train trains, Ray Data samples, MLflow
+records."""
 
 from pathlib import Path
 
+from conftest import TINY as TINY_CORE
 from conftest import recipe_runs
 
 from debiaslab.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-        "model.head_channels=16", "train.batch_size=16", "train.steps=8",
-        "train.log_every=4", "train.checkpoint_every=4", "train.device=cpu",
-        "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20",
-        "sample.samplers=[ddim]", "metrics.bootstrap=10", "distributed.backend=ray",
-        "distributed.num_workers=1", "distributed.object_store_memory_gb=1",
-        "tracking.experiment=raybackend"]
+TINY = TINY_CORE + ["train.steps=8", "train.log_every=4", "train.checkpoint_every=4",
+                    "sample.num_samples=20", "sample.steps=5", "sample.batch_size=20",
+                    "sample.samplers=[ddim]", "metrics.bootstrap=10", "distributed.backend=ray",
+                    "distributed.num_workers=1", "distributed.object_store_memory_gb=1",
+                    "tracking.experiment=raybackend"]
 
 
 def test_run_on_ray_backend(tmp_path):

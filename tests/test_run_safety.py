@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import TINY as TINY_CORE
 
 from debiaslab.cli import main
 from debiaslab.config import load_config
@@ -20,9 +20,7 @@ from debiaslab.runlock import run_lock
 from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
-        "model.head_channels=16", "train.batch_size=16", "train.log_every=2",
-        "train.checkpoint_every=2", "train.device=cpu", "tracking.enabled=false"]
+TINY = TINY_CORE + ["train.log_every=2", "train.checkpoint_every=2", "tracking.enabled=false"]
 
 
 def cfg_at(out: Path, *extra: str):

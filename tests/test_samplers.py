@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import torch
+from conftest import one_line
 from torch import Tensor, nn
 
 from debiaslab.diffusion.denoiser import Denoiser, VPDenoiser
@@ -571,20 +572,14 @@ def test_h_space_guidance_with_unet(schedules: dict[str, VPSchedule]) -> None:
 # Bad input and plumbing
 
 
-def _one_line(err: pytest.ExceptionInfo[ConfigError]) -> str:
-    message = str(err.value)
-    assert "\n" not in message
-    return message
-
-
 def test_unknown_sampler_and_option_are_config_errors(eps_models: dict[str, VPDenoiser]) -> None:
     den = eps_models["linear"]
     with pytest.raises(ConfigError) as err:
         sample("euler_magic", den, SEEDS, SHAPE, steps=5)
-    assert "euler_magic" in _one_line(err) and "ddim" in _one_line(err)
+    assert "euler_magic" in one_line(err) and "ddim" in one_line(err)
     with pytest.raises(ConfigError) as err:
         sample("ddim", den, SEEDS, SHAPE, steps=5, etaa=0.3)
-    assert "etaa" in _one_line(err) and "eta" in _one_line(err).split("allowed")[1]
+    assert "etaa" in one_line(err) and "eta" in one_line(err).split("allowed")[1]
     with pytest.raises(ConfigError, match="variance"):
         sample("ddpm", den, SEEDS, SHAPE, steps=5, variance="learned")
     with pytest.raises(ConfigError, match="spacing"):
@@ -605,7 +600,7 @@ def test_steps_out_of_range_are_config_errors(eps_models: dict[str, VPDenoiser],
                                               bad_steps: Any) -> None:
     with pytest.raises(ConfigError, match="steps") as err:
         sample(name, eps_models["linear"], SEEDS, SHAPE, steps=bad_steps)
-    _one_line(err)
+    one_line(err)
 
 
 def test_registry_options_and_progress_bar(eps_models: dict[str, VPDenoiser],
@@ -666,8 +661,8 @@ class TanhX0(nn.Module):
 
 
 def _hand_two_steps(name: str, den: VPDenoiser, clip: bool) -> Tensor:
-    """Two steps by hand from docs/algorithms.md §3.2 / the dpmpp_2m docstring, in float64: DDIM (eta=0)
-    on the leading grid (500, 0); DPM-Solver++ on (999, 500) then sigma = 0."""
+    """Two steps by hand from docs/algorithms.md §3.2 / the dpmpp_2m docstring, in float64:
+    DDIM (eta=0) on the leading grid (500, 0); DPM-Solver++ on (999, 500) then sigma = 0."""
     abar = den.schedule.alphas_cumprod
     x = SampleNoise(SEEDS, SHAPE, dtype=torch.float64).draw()
 

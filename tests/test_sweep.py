@@ -17,9 +17,8 @@ import yaml
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
-from debiaslab.pipeline import run_sweep
 from debiaslab.errors import ConfigError
-from debiaslab.pipeline import build_data
+from debiaslab.pipeline import build_data, run_sweep
 from debiaslab.sweeps import load_sweep
 from debiaslab.tracking import find_runs, resolve_tracking_uri
 from debiaslab.training.loop import Trainer
@@ -229,7 +228,8 @@ def test_summary_plots_survive_degenerate_trials(base):
 
     _, experiment, _ = base
     sweep = load_sweep(write_sweep(base[0], experiment, "plots"))
-    same = [{"params": {"sample.guidance.cfg.omega": w}, "metrics": {"eval/fid": 7.0}} for w in (0.5, 2.0)]
+    same = [{"params": {"sample.guidance.cfg.omega": w}, "metrics": {"eval/fid": 7.0}}
+            for w in (0.5, 2.0)]
     figures = importance_and_scatter_figures(sweep, same)
     assert set(figures) == {"objective_vs_params", "param_importance"}
     text = [t.get_text() for t in figures["param_importance"].axes[0].texts]

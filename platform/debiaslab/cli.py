@@ -89,7 +89,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from debiaslab.config import to_dict
     from debiaslab.pipeline import (
-        EVAL_TABLE_COLUMNS, eval_row, evaluate_samples, reference_path, sample,
+        EVAL_TABLE_COLUMNS,
+        eval_row,
+        evaluate_samples,
+        reference_path,
+        sample,
     )
     from debiaslab.report import format_table
 
@@ -149,7 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for c in configs if args.seeds else []:
             print(f"seed {c.train.seed}: run {c.name} (group {c.tracking.group})")
         print(f"recipe {recipe.name}: "
-              + " -> ".join(s.name for s in recipe.stages if not args.stage or s.name in args.stage))
+              + " -> ".join(s.name for s in recipe.stages
+                            if not args.stage or s.name in args.stage))
         return 0
     _check_tracking(cfg)
     for c in configs:

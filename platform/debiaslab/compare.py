@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from debiaslab.errors import ConfigError
+from debiaslab.fileio import write_text_atomic
 
 GROUP_TAG, SEED_TAG, METHOD_TAG = "debiaslab.group", "debiaslab.seed", "debiaslab.method"
 KIND_TAG, KIND_COMPARISON, KIND_STAGE = "debiaslab.kind", "comparison", "stage"
@@ -223,9 +224,7 @@ def compare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md_path = out / "compare.md"
-    tmp = md_path.with_name(f".{md_path.name}.tmp")
-    tmp.write_text(markdown, encoding="utf-8")
-    tmp.replace(md_path)
+    write_text_atomic(md_path, markdown)
     files = {"markdown": md_path,
              "plot": save_figure(comparison_figure(groups, metrics, title), out / "compare.png")}
     result = Comparison(groups, metrics, markdown, files)

@@ -26,14 +26,14 @@ class DataConfig:
     source: str = "digits"
     path: str = ""
     source_options: dict[str, Any] = field(default_factory=dict)
-    imbalance: Literal["none", "long_tail", "attribute_bias"] = "long_tail"
+    imbalance: str = "long_tail"  # data.sources.IMBALANCES
     imb_factor: float = 0.1
     bias_attribute: str = ""
     bias_ratio: float = 0.9
     reference_fraction: float = 0.05
     seed: int = 0
     dataset_dir: str = ""  # default: <output_dir>/data/<experiment name's data key>
-    augment: Literal["none", "hflip", "ada"] = "none"  # data.augment.AUGMENTS
+    augment: str = "none"  # data.augment.AUGMENTS
 
 
 @dataclass
@@ -103,7 +103,7 @@ class CBDMConfig:
 
     tau: float = 1.0
     gamma: float = 0.25  # the official code's hard-coded 1/4
-    target_distribution: Literal["train", "uniform"] = "train"  # where y' is drawn from
+    target_distribution: str = "train"  # where y' is drawn from: methods.cbdm registry
 
 
 def _classifier_model() -> "ModelConfig":
@@ -501,7 +501,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: ExperimentConfig) -> None:
     """Check values that types cannot express: ranges and registry names."""
     # Registries are filled on import; importing here keeps config.py free of import cycles.
-    from debiaslab.data.sources import SOURCES
+    import debiaslab.methods  # noqa: F401  (registers method components and recipes)
+    from debiaslab.data.augment import AUGMENTS
+    from debiaslab.data.sources import IMBALANCES, SOURCES
     from debiaslab.diffusion.losses import LOSSES
     from debiaslab.diffusion.parameterization import TARGETS
     from debiaslab.diffusion.samplers import SAMPLERS
@@ -509,7 +511,7 @@ def validate(cfg: ExperimentConfig) -> None:
     from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
     from debiaslab.metrics.features import register_builtin_extractors
     from debiaslab.nets import NETS
-    import debiaslab.methods  # noqa: F401  (registers method components and recipes)
+    from debiaslab.methods.cbdm import TARGET_DISTRIBUTIONS
     from debiaslab.recipes import RECIPES
 
     checks = [
@@ -521,6 +523,9 @@ def validate(cfg: ExperimentConfig) -> None:
         ("diffusion.loss", cfg.diffusion.loss, LOSSES),
         ("metrics.extractor", cfg.metrics.extractor, register_builtin_extractors()),
         ("recipe", cfg.recipe, RECIPES),
+        ("data.imbalance", cfg.data.imbalance, IMBALANCES),
+        ("data.augment", cfg.data.augment, AUGMENTS),
+        ("cbdm.target_distribution", cfg.cbdm.target_distribution, TARGET_DISTRIBUTIONS),
     ] + [(f"sample.samplers[{i}]", s, SAMPLERS) for i, s in enumerate(cfg.sample.samplers)]
     for key, value, registry in checks:
         if value not in registry:
@@ -538,7 +543,8 @@ def validate(cfg: ExperimentConfig) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "sample.steps": cfg.sample.steps, "sample.num_samples": cfg.sample.num_samples,
-        "sample.batch_size": cfg.sample.batch_size, "model.model_channels": cfg.model.model_channels,
+        "sample.batch_size": cfg.sample.batch_size,
+        "model.model_channels": cfg.model.model_channels,
         "diffusion.num_timesteps": cfg.diffusion.num_timesteps,
         "data.imb_factor": cfg.data.imb_factor, "metrics.k": cfg.metrics.k,
         "metrics.lof_k": cfg.metrics.lof_k, "metrics.batch_size": cfg.metrics.batch_size,
@@ -690,9 +696,8 @@ def _validate_options(cfg: ExperimentConfig) -> None:
     """Free-form option mappings are checked against the components that will receive them,
     so a typo fails at --dry-run, not after a training run."""
     from debiaslab.data.sources import check_source_options
-    from debiaslab.diffusion.samplers import SAMPLERS, sampler_options
-
     from debiaslab.diffusion.guidance import guidance_spec
+    from debiaslab.diffusion.samplers import SAMPLERS, sampler_options
 
     check_source_options(cfg.data.source, cfg.data.source_options)
     for i, entry in enumerate(cfg.sample.guidance):

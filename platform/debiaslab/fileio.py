@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, IO
+from typing import IO, Any, Callable
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any], *,

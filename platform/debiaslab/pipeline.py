@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from debiaslab.config import ExperimentConfig, dump_yaml, to_dict
+from debiaslab.config import ExperimentConfig, dump_yaml
 from debiaslab.data.locate import load_training_data, train_data_path
 from debiaslab.errors import DataError
+from debiaslab.fileio import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRID_COLUMNS = 10
@@ -25,19 +26,6 @@ def on_ray(cfg: ExperimentConfig, stage: str) -> bool:
     from debiaslab.recipes import backend_of
 
     return backend_of(cfg, stage) == "ray"
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write a small text file through a temp name and a rename (never half-written)."""
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 # ------------------------------------------------------------------------------------ data
@@ -214,7 +202,11 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
     from debiaslab.data.schema import NO_LABEL, DatasetMeta, write_dataset
     from debiaslab.report import save_image_grid
     from debiaslab.sampling import (
-        generate, guided_denoiser, load_trained, resolve_guidance, seed_labels,
+        generate,
+        guided_denoiser,
+        load_trained,
+        resolve_guidance,
+        seed_labels,
     )
 
     trained = load_trained(checkpoint or cfg.run_dir, use_ema=cfg.sample.use_ema,
@@ -463,8 +455,12 @@ def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
     from debiaslab.runlock import run_lock
     from debiaslab.training.checkpoint import remove_orphan_temps
     from debiaslab.training.classifier import (
-        classifier_experiment, evaluation_metrics, load_classifier_data,
-        plot_classifier_evaluation, train_classifier, validate_checkpoint,
+        classifier_experiment,
+        evaluation_metrics,
+        load_classifier_data,
+        plot_classifier_evaluation,
+        train_classifier,
+        validate_checkpoint,
     )
 
     ccfg = classifier_experiment(cfg)

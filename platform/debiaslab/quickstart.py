@@ -6,7 +6,12 @@ from pathlib import Path
 
 from debiaslab.config import ExperimentConfig, dump_yaml, load_config
 from debiaslab.pipeline import (
-    EVAL_TABLE_COLUMNS, REPO_ROOT, StageResult, eval_row, log, run_experiment,
+    EVAL_TABLE_COLUMNS,
+    REPO_ROOT,
+    StageResult,
+    eval_row,
+    log,
+    run_experiment,
 )
 from debiaslab.report import format_table
 

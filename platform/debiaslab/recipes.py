@@ -261,9 +261,20 @@ def artifact_hash(kind: str, path: Path) -> str | None:
 
 
 def _manifest_hash(path: Path) -> str:
+    """The content hash a dataset's (or side table's) manifest records, provided every data
+    file it lists is still there with its recorded size (a cheap check; readers verify the
+    bytes against the hash when they load)."""
     for name in ("dataset.json", "side_table.json"):
         if (path / name).is_file():
-            return str(json.loads((path / name).read_text())["content_hash"])
+            manifest = json.loads((path / name).read_text())
+            files = manifest.get("shards") or manifest.get("files") or []
+            for entry in files:
+                file = entry["file"] if isinstance(entry, dict) else entry
+                size = entry.get("bytes") if isinstance(entry, dict) else None
+                stat = (path / file).stat()  # FileNotFoundError: the artifact is incomplete
+                if size is not None and stat.st_size != int(size):
+                    raise ValueError(f"{path / file}: size changed")
+            return str(manifest["content_hash"])
     raise FileNotFoundError(path)
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from debiaslab.fileio import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -75,13 +76,6 @@ def image_grid(
     return grid
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    return Path(tmp)
-
-
 def save_image_grid(
     images: Any, path: str | os.PathLike[str], nrow: int = 8, padding: int = 2, scale: int = 1
 ) -> Path:
@@ -92,14 +86,8 @@ def save_image_grid(
     channels = grid.shape[2]
     picture = Image.fromarray(grid[:, :, 0] if channels == 1 else grid, CHANNEL_MODES[channels])
     target = Path(path)
-    tmp = _atomic_target(target)
-    try:
-        picture.save(tmp, format="PNG")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(target, lambda fh: picture.save(fh, format="PNG"))
 
 
 # -------------------------------------------------------------------------------- figures
@@ -211,13 +199,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = DEFAULT_DP
     """Save `fig` at `path` (format from the suffix, default PNG) via a temp name and a rename."""
     target = Path(path)
     fmt = target.suffix.lstrip(".").lower() or "png"
-    tmp = _atomic_target(target)
-    try:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi))
     return target
 
 

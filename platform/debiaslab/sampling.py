@@ -13,7 +13,8 @@ from debiaslab.config import ExperimentConfig, from_saved_dict
 from debiaslab.diffusion.denoiser import Denoiser
 from debiaslab.diffusion.guidance import GuidanceContext, build_guidance, spec_fields
 from debiaslab.diffusion.losses import LOSSES
-from debiaslab.diffusion.samplers import sample as run_sampler, sampler_options
+from debiaslab.diffusion.samplers import sample as run_sampler
+from debiaslab.diffusion.samplers import sampler_options
 from debiaslab.errors import CheckpointError, ConfigError, describe_error
 from debiaslab.training.checkpoint import load_checkpoint, resolve_checkpoint
 from debiaslab.training.loop import build_score_net, select_device

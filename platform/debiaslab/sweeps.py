@@ -10,8 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from debiaslab.config import (
-    ExperimentConfig, _from_dict, check_name, apply_overrides, from_dict, load_config, load_yaml,
-    set_path, validate,
+    ExperimentConfig,
+    _from_dict,
+    apply_overrides,
+    check_name,
+    from_dict,
+    load_config,
+    load_yaml,
+    set_path,
+    validate,
 )
 from debiaslab.errors import ConfigError
 

@@ -58,8 +58,9 @@ class NoAugment:
 @AUGMENTS.register("hflip")
 class HFlip:
     """Random horizontal flip with probability 1/2 per sample (CBDM without --augm:
-    RandomHorizontalFlip, docs/algorithms.md §4.4). Draws exactly ``torch.rand(B, generator) < 0.5``,
-    as the training loop's ``make_batch`` does, and flips the width axis where true."""
+    RandomHorizontalFlip, docs/algorithms.md §4.4). Draws exactly
+    ``torch.rand(B, generator) < 0.5``, as the training loop's ``make_batch`` does, and flips
+    the width axis where true."""
 
     aug_dim: ClassVar[int] = 0
     p_flip: ClassVar[float] = 0.5

@@ -1,5 +1,6 @@
 """Imbalance builders: pure numpy on label / attribute arrays, returning selected row indices.
-Long tail follows CBDM's canonical recipe (docs/algorithms.md 4.6); attribute bias follows TIW-DSM."""
+Long tail follows CBDM's canonical recipe (docs/algorithms.md 4.6); attribute bias follows
+TIW-DSM."""
 
 from __future__ import annotations
 

@@ -274,12 +274,12 @@ def table_to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
     """Every column of `table` as numpy: tensor fields as [N, *shape] arrays, strings as
     object arrays, numbers in their stored dtype."""
     out: dict[str, np.ndarray] = {}
-    for field in table.schema:
-        column = table.column(field.name)
-        if tensor_shape(field) is not None:
-            out[field.name] = tensor_from_arrow(column, field)
+    for col_field in table.schema:
+        column = table.column(col_field.name)
+        if tensor_shape(col_field) is not None:
+            out[col_field.name] = tensor_from_arrow(column, col_field)
         else:
-            out[field.name] = column.to_numpy(zero_copy_only=False)
+            out[col_field.name] = column.to_numpy(zero_copy_only=False)
     return out
 
 

@@ -16,7 +16,8 @@ from debiaslab.diffusion.parameterization import TARGETS
 from debiaslab.diffusion.schedules import VPSchedule
 
 EDM_SIGMA_DATA = 0.5
-EDM_TIME_SCALE = 250.0  # c_noise = ln(sigma)/4 is multiplied by this before the sinusoidal embedding
+# c_noise = ln(sigma)/4 is multiplied by this before the sinusoidal embedding
+EDM_TIME_SCALE = 250.0
 
 
 class Denoiser:
@@ -47,7 +48,8 @@ class Denoiser:
         return (x_t - s * self(x_t, t, **cond)) / a
 
     def denoise_edm(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        """D(x; sigma) in EDM/VE units: x = x_t / alpha_t, D = x - sigma eps_hat(alpha x, t(sigma))."""
+        """D(x; sigma) in EDM/VE units: x = x_t / alpha_t,
+        D = x - sigma eps_hat(alpha x, t(sigma))."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64).reshape(-1).expand(x.shape[0])
         t = self.schedule.t_from_sigma(sigma)
         shape = (-1,) + (1,) * (x.ndim - 1)
@@ -72,8 +74,10 @@ class VPDenoiser(Denoiser):
 
 
 class EDMPrecond(nn.Module):
-    """Karras et al. 2022, Table 1 (preconditioning): D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)
-    with c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2), c_in = 1/sqrt(sigma^2+sd^2),
+    """Karras et al. 2022, Table 1 (preconditioning):
+    D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)
+    with c_skip = sd^2/(sigma^2+sd^2), c_out = sigma sd/sqrt(sigma^2+sd^2),
+    c_in = 1/sqrt(sigma^2+sd^2),
     c_noise = ln(sigma)/4 (scaled by ``time_scale`` for our sinusoidal time embedding)."""
 
     def __init__(self, net: nn.Module, sigma_data: float = EDM_SIGMA_DATA,

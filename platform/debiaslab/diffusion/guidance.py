@@ -97,7 +97,7 @@ class ClassifierSpec:
 
 @GUIDANCE.register("classifier")
 class ClassifierGuidance(Guided):
-    """Dhariwal & Nichol 2021 classifier guidance, in both published forms.
+    """Dhariwal & Nichol 2021 classifier guidance in both forms (docs/algorithms.md §8.2).
 
     - eps form (Eq. 14, Algorithm 2): eps' = eps - w sigma_t grad_{x_t} log p(y | x_t, t);
     - mean-shift form (Algorithm 1, guided-diffusion ``condition_mean``): the ancestral step's

@@ -22,7 +22,8 @@ class Target:
     """A prediction target: how to build it, and how to turn a prediction of it into eps / x0.
 
     ``eps_error_factor(snr)`` is the factor f with ||eps - eps_hat||^2 = f(SNR) ||y - y_hat||^2 for
-    this target y, the identity that makes weightings comparable across targets (docs/algorithms.md §5.2).
+    this target y, the identity that makes weightings comparable across targets
+    (docs/algorithms.md §5.2).
     """
 
     name: str

@@ -237,9 +237,10 @@ def dpmpp_2m(
       D_i = x0_i + 1/(2 r_i) (x0_i - x0_{i-1})            (D_i = x0_i at the first step)
       x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} (exp(-h_i) - 1) D_i.
     The final step (to sigma = 0) is first order and returns x0_hat. Deterministic after x_T.
-    Clipping is the plain x0 clip of docs/algorithms.md (guided-diffusion's clip_denoised) applied to the
-    data prediction the solver extrapolates; it equals diffusers' ``thresholding=True`` with
-    ``sample_max_value=1.0`` (the dynamic threshold s is clamped to [1, 1], so x0 -> clamp(x0)/1).
+    Clipping is the plain x0 clip of docs/algorithms.md (guided-diffusion's clip_denoised)
+    applied to the data prediction the solver extrapolates; it equals diffusers'
+    ``thresholding=True`` with ``sample_max_value=1.0`` (the dynamic threshold s is clamped to
+    [1, 1], so x0 -> clamp(x0)/1).
     """
     schedule = denoiser.schedule
     _check_steps(steps, schedule.num_timesteps - 1)

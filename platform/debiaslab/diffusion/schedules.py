@@ -85,7 +85,8 @@ class VPSchedule:
         return lo.to(torch.float64) + w
 
     def timesteps(self, num_steps: int, spacing: str = "leading") -> Tensor:
-        """Respaced original timestep indices, descending (first = noisiest), as int64 [num_steps]."""
+        """Respaced original timestep indices, descending (first = noisiest), as int64
+        [num_steps]."""
         if not 1 <= num_steps <= self.num_timesteps:
             raise ConfigError(
                 f"sampling steps must be in 1..{self.num_timesteps}, got {num_steps}"
@@ -157,7 +158,8 @@ def linspace_spacing(num_timesteps: int, num_steps: int) -> list[int]:
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
                   rho: float = 7.0) -> Tensor:
-    """Karras et al. 2022, Eq. 5: sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
+    """Karras et al. 2022, Eq. 5:
+    sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho,
     descending, with a final 0 appended (N+1 values, float64)."""
     if num_steps < 1:
         raise ConfigError(f"sampling steps must be >= 1, got {num_steps}")

@@ -50,7 +50,8 @@ class Constant(Weighting):
 @WEIGHTINGS.register("snr")
 @dataclass
 class SNRWeighting(Weighting):
-    """lambda_t = 1/SNR_t on the eps error, i.e. the constant-weight x0 loss (docs/algorithms.md §5.2)."""
+    """lambda_t = 1/SNR_t on the eps error, i.e. the constant-weight x0 loss
+    (docs/algorithms.md §5.2)."""
 
     def eps_weight(self, snr: Tensor) -> Tensor:
         return 1.0 / snr

@@ -1,4 +1,5 @@
-"""Ray execution: Ray Data map jobs, Ray Train DDP, Ray Tune sweeps (the only package importing ray)."""
+"""Ray execution: Ray Data map jobs, Ray Train DDP, Ray Tune sweeps (the only package importing
+ray)."""
 
 from debiaslab.distributed.runtime import ray_env as _ray_env
 

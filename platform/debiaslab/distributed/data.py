@@ -27,7 +27,6 @@ from debiaslab.data.schema import (
     NO_LABEL,
     SCHEMA,
     SCHEMA_METADATA_KEY,
-    swap_into,
     SHARD_TEMPLATE,
     Manifest,
     combine_digests,
@@ -35,6 +34,7 @@ from debiaslab.data.schema import (
     decode_png,
     encode_png,
     read_manifest,
+    swap_into,
     table_digests,
     table_to_numpy,
     tensor_to_arrow,
@@ -115,7 +115,8 @@ def read_dataset_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any],
 def _read_shards(batch: dict[str, np.ndarray], columns: list[str] | None,
                  decode_shape: tuple[int, ...]) -> pa.Table | dict[str, np.ndarray]:
     """Read task: the Parquet shards named in `batch` (local paths or URIs) as one table; with
-    `decode_shape` (C, H, W), the PNG column is replaced by a uint8 ``pixels`` [N, C, H, W] column."""
+    `decode_shape` (C, H, W), the PNG column is replaced by a uint8 ``pixels`` [N, C, H, W]
+    column."""
     table = pa.concat_tables([pq.read_table(str(path), columns=columns) for path in batch["path"]])
     if not decode_shape:
         return table

@@ -16,8 +16,13 @@ import numpy as np
 from debiaslab.compare import KIND_TAG
 from debiaslab.config import ExperimentConfig, absolute_paths, to_dict
 from debiaslab.errors import ConfigError, DebiaslabError
+from debiaslab.fileio import write_text_atomic
 from debiaslab.sweeps import (
-    TRAIN_METRICS, SweepConfig, check_objectives, importance_and_scatter_figures, trial_config,
+    TRAIN_METRICS,
+    SweepConfig,
+    check_objectives,
+    importance_and_scatter_figures,
+    trial_config,
 )
 
 from .runtime import init_ray, ray_env, shutdown_ray
@@ -50,7 +55,7 @@ class TrialOps:
     module never imports the orchestration layer above it."""
 
     train: Any  # (cfg, tracker=, progress=) -> result with .checkpoint and .metrics
-    sample: Any  # (cfg, checkpoint, out_dir=, progress=) -> result with .artifacts
+    sample: Any  # (cfg, checkpoint, out_dir=, progress=, classifier=) -> result with .artifacts
     evaluate_samples: Any  # (cfg, samples, extractor=, name=, out_dir=) -> Evaluation
     build_metric_extractor: Any  # (cfg) -> extractor
     reference_path: Any  # (cfg) -> Path
@@ -135,8 +140,8 @@ def _rung_sizes(total: int, rungs: int) -> list[int]:
 
 
 def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Path,
-                         done: list[Any], upto: int, extractor: Any, ops: TrialOps
-                         ) -> tuple[Any, Path]:
+                         done: list[Any], upto: int, extractor: Any, ops: TrialOps,
+                         classifier: str = "") -> tuple[Any, Path]:
     """Sample seeds [seed_start + len(done), seed_start + upto) with the first sampler, add them
     to ``done`` and evaluate all of them (the same seed range in every trial)."""
     from debiaslab.data.dataset import ImageDataset
@@ -149,7 +154,7 @@ def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Pat
             s, seed_start=s.seed_start + have, num_samples=upto - have, samplers=(sampler,)),
             distributed=dataclasses.replace(cfg.distributed, backend="local"))
         res = ops.sample(part, checkpoint, out_dir=trial_dir / f"samples-{have:06d}",
-                         progress=False)
+                         progress=False, classifier=classifier or None)
         done.append(ImageDataset.load(res.artifacts[f"samples_{sampler}"]))
     images = np.concatenate([d.images.numpy() for d in done])
     labels = np.concatenate([d.labels.numpy() for d in done])
@@ -204,7 +209,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 sample_upto = sizes[rung - 1]
             assert checkpoint is not None
             ev, grid = _sample_and_evaluate(cfg, checkpoint, trial_dir, done, sample_upto,
-                                            extractor, ops)
+                                            extractor, ops, ctx.get("classifier", ""))
             metrics.update({f"eval/{k}": float(v) for k, v in ev.metrics.items()
                             if v is not None})
             tracker.log_metrics(metrics, step=rung)
@@ -234,9 +239,7 @@ def _read_state(sweep_dir: Path) -> dict[str, Any]:
 
 def _write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    tmp = sweep_dir / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(sweep_dir / STATE_FILE)  # atomic: never a half-written state file
+    write_text_atomic(sweep_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
 def _sampling_checkpoint(sweep: SweepConfig) -> str:
@@ -265,6 +268,11 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
     checkpoint = _sampling_checkpoint(sweep) if sweep.kind == "sampling" else ""
     base = sweep.base
     assert base is not None
+    classifier = ""  # guidance entries with checkpoint "" use the BASE experiment's classifier
+    if any(e.get("type") == "classifier" for e in base.sample.guidance):
+        from debiaslab.sampling import classifier_checkpoint
+
+        classifier = str(classifier_checkpoint(base, ""))
     import ray
 
     started = False
@@ -274,14 +282,14 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
         started = True
     try:
         return _tune(sweep, str(Path(sweep_file).resolve()), list(overrides or []), checkpoint,
-                     progress, ops)
+                     progress, ops, classifier)
     finally:
         if started:
             shutdown_ray()
 
 
 def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint: str,
-          progress: bool, ops: TrialOps) -> SweepResult:
+          progress: bool, ops: TrialOps, classifier: str = "") -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -313,7 +321,8 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
         ctx = {"sweep_file": sweep_file, "sweep_overrides": overrides,
                "sweep_name": sweep.name, "tracking_uri": tracking_uri,
                "experiment": experiment, "output_dir": str(Path(base.output_dir).resolve()),
-               "parent_run_id": parent.run_id, "checkpoint": checkpoint, "ops": ops}
+               "parent_run_id": parent.run_id, "checkpoint": checkpoint, "ops": ops,
+               "classifier": classifier}
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": sweep.cpus_per_trial,
                                          "gpu": sweep.gpus_per_trial})

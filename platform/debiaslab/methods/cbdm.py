@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from debiaslab.diffusion.losses import LOSSES, DenoisingLoss, mean_per_sample
 from debiaslab.errors import ConfigError
-from debiaslab.registry import Registry
 from debiaslab.pipeline import diffusion_stages
 from debiaslab.recipes import Recipe, register_recipe
+from debiaslab.registry import Registry
 
 # Where y' comes from (docs/algorithms.md §4.2 FLAG): the official code uses the empirical training
 # label frequencies when training from scratch and the uniform prior when fine-tuning.

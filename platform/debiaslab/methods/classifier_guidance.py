@@ -1,5 +1,5 @@
 """Classifier guidance: Dhariwal & Nichol, "Diffusion Models Beat GANs on Image Synthesis",
-NeurIPS 2021, §4 (Algorithms 1 and 2) -- the recipe that proves the stage design.
+NeurIPS 2021, §4, Algorithms 1 and 2 (docs/algorithms.md §8): the recipe that proves the stages.
 
 Stages: data -> train (score model) -> classifier (a noise-conditional classifier p(y | x_t, t),
 Ray Train) -> sample (``sample.guidance: [{type: classifier, ...}]``, whose checkpoint "" is this

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
 from debiaslab.diffusion.weighting import WEIGHTINGS, Weighting
-from typing import Any
-
 from debiaslab.errors import ConfigError
 from debiaslab.pipeline import diffusion_stages
 from debiaslab.recipes import Recipe, register_recipe

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from debiaslab.errors import DataError
+from debiaslab.fileio import write_atomic, write_text_atomic
 
 FEATURE_CACHE_VERSION = 1
 EVAL_PREFIX = "eval"
@@ -159,13 +159,7 @@ def reference_features(reference_dir: str | Path, extractor: Any, *, batch_size:
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda fh: np.save(fh, array))
 
 
 # ------------------------------------------------------------------------------ the protocol
@@ -181,7 +175,9 @@ def evaluate(samples: SampleSet, reference_dir: str | Path, extractor: Any, *, k
     data; without it the reference counts are used.
     """
     from debiaslab.metrics.fairness import (
-        attribute_distribution, fairness_discrepancy, joint_fairness_discrepancy,
+        attribute_distribution,
+        fairness_discrepancy,
+        joint_fairness_discrepancy,
     )
     from debiaslab.metrics.fid import frechet_distance, gaussian_stats, inception_score, kid
     from debiaslab.metrics.minority import minority_summary
@@ -254,7 +250,4 @@ def save_evaluation(ev: Evaluation, path: str | Path) -> Path:
     """Write the evaluation as JSON (temp name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(ev.to_json(), indent=2, default=float))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(ev.to_json(), indent=2, default=float))

@@ -1,5 +1,6 @@
 """Fairness Discrepancy (Choi et al. 2020) of attribute predictions on generated samples
-(docs/algorithms.md §6, §3.8): the L2 distance between the predicted class proportions and uniform."""
+(docs/algorithms.md §6, §3.8): the L2 distance between the predicted class proportions and
+uniform."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def attribute_distribution(pred: Any, num_classes: int) -> np.ndarray:
 
 
 def fairness_discrepancy(pred: Any, num_classes: int) -> float:
-    """Choi et al. 2020, Fairness Discrepancy (docs/algorithms.md §6): FD = || u - p_gen ||_2, u = 1/C.
+    """Choi et al. 2020, Fairness Discrepancy (docs/algorithms.md §6):
+    FD = || u - p_gen ||_2, u = 1/C.
     0 = perfectly balanced; the maximum, sqrt(1 - 1/C), is all samples in one class."""
     p_gen = attribute_distribution(pred, num_classes)
     return float(np.linalg.norm(np.full(num_classes, 1.0 / num_classes) - p_gen))

@@ -1,5 +1,5 @@
-"""Feature extractors for the metrics (docs/algorithms.md §6): one interface, batched uint8 images in,
-features, logits and domain predictions out; built by name from the `EXTRACTORS` registry."""
+"""Feature extractors for the metrics (docs/algorithms.md §6): one interface, batched uint8 images
+in, features, logits and domain predictions out; built by name from the `EXTRACTORS` registry."""
 
 from __future__ import annotations
 

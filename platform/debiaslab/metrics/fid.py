@@ -1,6 +1,7 @@
 """Frechet Inception Distance, Kernel Inception Distance and Inception Score on feature arrays.
 
-docs/algorithms.md §6; inputs are float arrays [N, D] (or [N, C] class scores for the Inception Score).
+docs/algorithms.md §6; inputs are float arrays [N, D] (or [N, C] class scores for the Inception
+Score).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from scipy.linalg.blas import dtrmm
 from threadpoolctl import ThreadpoolController
 
 from debiaslab.errors import DataError
+from debiaslab.fileio import write_atomic
 
 MIN_STATS_SAMPLES = 2  # an unbiased covariance needs two points
 STATS_CHUNK_ROWS = 8192  # rows converted to float64 at a time in gaussian_stats
@@ -242,14 +244,9 @@ def save_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
     path = Path(path)
     mu, sigma = _check_stats(mu, sigma, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez appends no suffix
-            text = json.dumps(meta, sort_keys=True, default=_json_scalar)
-            np.savez(f, mu=mu, sigma=sigma, meta=np.array(text))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    text = json.dumps(meta, sort_keys=True, default=_json_scalar)
+    # a file object: np.savez appends no suffix
+    write_atomic(path, lambda fh: np.savez(fh, mu=mu, sigma=sigma, meta=np.array(text)))
     return path
 
 
@@ -329,8 +326,8 @@ def _log_probs(scores: np.ndarray, from_logits: bool) -> np.ndarray:
 def inception_score(logits_or_probs: Any, splits: int = 10,
                     from_logits: bool = True) -> tuple[float, float]:
     """Salimans et al. 2016: IS = exp(E_x KL(p(y|x) || p(y))), p(y) = mean of p(y|x) over the
-    split (docs/algorithms.md §6). `splits` equal consecutive splits of N // splits rows (the remainder
-    is dropped, as in pytorch-fid/CBDM); returns the mean and std (ddof 0) over splits."""
+    split (docs/algorithms.md §6). `splits` equal consecutive splits of N // splits rows (the
+    remainder is dropped, as in pytorch-fid/CBDM); returns the mean and std (ddof 0) over splits."""
     scores = check_features(logits_or_probs, "inception scores", 1)
     n = scores.shape[0]
     if splits < 1 or n < splits:

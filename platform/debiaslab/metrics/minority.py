@@ -1,5 +1,6 @@
-"""Low-density ("minority") metrics of generated samples against real features (docs/algorithms.md §6,
-§1.6): AvgkNN, Local Outlier Factor and Rarity Score; higher = rarer for the first two."""
+"""Low-density ("minority") metrics of generated samples against real features
+(docs/algorithms.md §6, §1.6): AvgkNN, Local Outlier Factor and Rarity Score; higher = rarer
+for the first two."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from debiaslab.metrics.fid import check_features, check_same_dim
 from debiaslab.errors import DataError
+from debiaslab.metrics.fid import check_features, check_same_dim
 from debiaslab.metrics.prdc import check_k, distance_chunks, knn, smallest_k
 
 DEFAULT_K = 5
@@ -54,8 +55,8 @@ def _lof_from_knn(real_d: np.ndarray, real_idx: np.ndarray, fake_d: np.ndarray,
 
 
 def avg_knn(real: Any, fake: Any, k: int = DEFAULT_K) -> np.ndarray:
-    """AvgkNN (MG, docs/algorithms.md §6): (1/k) sum_{j<=k} ||phi(x) - phi(n_j(x))||, n_j the j-th nearest
-    real neighbour of the fake point x. Returns [N_fake]."""
+    """AvgkNN (MG, docs/algorithms.md §6): (1/k) sum_{j<=k} ||phi(x) - phi(n_j(x))||, n_j the j-th
+    nearest real neighbour of the fake point x. Returns [N_fake]."""
     real = check_features(real, "real features")
     fake = check_features(fake, "fake features")
     check_same_dim(real, fake, "real features", "fake features")

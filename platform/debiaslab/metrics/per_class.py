@@ -12,7 +12,11 @@ import numpy as np
 
 from debiaslab.errors import ConfigError, DataError
 from debiaslab.metrics.fid import (
-    MIN_STATS_SAMPLES, check_features, check_same_dim, frechet_distance, frechet_distance_batch,
+    MIN_STATS_SAMPLES,
+    check_features,
+    check_same_dim,
+    frechet_distance,
+    frechet_distance_batch,
     gaussian_stats,
 )
 from debiaslab.metrics.prdc import DEFAULT_K, pairwise_distances

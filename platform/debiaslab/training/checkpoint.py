@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from debiaslab.errors import ANSI_CODES, CheckpointError, describe_error
+from debiaslab.fileio import write_atomic
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt_(\d{8})\.pt$")
 TEMP_PATTERN = re.compile(r"^\.ckpt_\d{8}\.pt\.tmp-(\d+)$")
@@ -28,19 +29,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically: a reader never sees a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     buffer = io.BytesIO()  # serialize first: a failing write then raises the OS's own error
     torch.save(state, buffer)  # (ENOSPC, EROFS...) instead of torch's "unexpected pos"
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, lambda fh: fh.write(buffer.getbuffer()), fsync=True)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(path)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

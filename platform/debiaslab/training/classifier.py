@@ -20,7 +20,12 @@ from debiaslab.config import ExperimentConfig, check_name, to_dict
 from debiaslab.diffusion.schedules import VPSchedule, build_schedule
 from debiaslab.errors import CheckpointError, ConfigError, DataError, describe_error
 from debiaslab.training.loop import (
-    STREAM_NOISE, StepBatch, Trainer, TrainResult, TrainTask, select_device,
+    STREAM_NOISE,
+    StepBatch,
+    Trainer,
+    TrainResult,
+    TrainTask,
+    select_device,
 )
 
 INPUT_IMAGES, INPUT_FEATURES = "noisy_images", "features"

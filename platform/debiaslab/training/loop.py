@@ -23,7 +23,11 @@ from debiaslab.config import ExperimentConfig, to_dict
 from debiaslab.diffusion.losses import DiffusionLoss, build_loss
 from debiaslab.errors import CheckpointError, ConfigError, TrainingDiverged, describe_error
 from debiaslab.training.checkpoint import (
-    TRAINER_KEYS, checkpoint_name, latest_checkpoint, load_checkpoint, prune_checkpoints,
+    TRAINER_KEYS,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
     save_checkpoint,
 )
 
@@ -231,9 +235,8 @@ class ScoreTask(TrainTask):
         return len(self.dataset.images)
 
     def build_model(self) -> nn.Module:
-        from debiaslab.data.augment import build_augment
-
         import debiaslab.methods  # noqa: F401  (registers the methods' losses and weightings)
+        from debiaslab.data.augment import build_augment
 
         self.loss_fn: DiffusionLoss = self._loss if self._loss is not None else build_loss(self.cfg)
         self.augment = build_augment(self.cfg.data.augment)

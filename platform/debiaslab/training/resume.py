@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from debiaslab.config import (
-    RESUME_ADJUSTABLE, RESUME_COMPARED_DATA, RESUME_IGNORED, ExperimentConfig,
-    drop_removed_keys, to_dict,
+    RESUME_ADJUSTABLE,
+    RESUME_COMPARED_DATA,
+    RESUME_IGNORED,
+    ExperimentConfig,
+    drop_removed_keys,
+    to_dict,
 )
 from debiaslab.errors import CheckpointError
 
