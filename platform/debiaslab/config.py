@@ -509,9 +509,9 @@ def validate(cfg: ExperimentConfig) -> None:
     from debiaslab.diffusion.samplers import SAMPLERS
     from debiaslab.diffusion.schedules import SCHEDULES
     from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
+    from debiaslab.methods.cbdm import TARGET_DISTRIBUTIONS
     from debiaslab.metrics.features import register_builtin_extractors
     from debiaslab.nets import NETS
-    from debiaslab.methods.cbdm import TARGET_DISTRIBUTIONS
     from debiaslab.recipes import RECIPES
 
     checks = [
