@@ -26,7 +26,7 @@ from debiaslab.recipes import (
     make_artifact,
     resolve_backend,
 )
-from debiaslab.sampling import load_trained
+from debiaslab.sampling import load_trained, sample_labels
 from debiaslab.training.checkpoint import load_checkpoint
 from debiaslab.training.loop import Trainer
 
@@ -132,9 +132,9 @@ def test_cbdm_recipe_equals_the_primitives_bit_for_bit(tmp_path):
     omega = cfg.sample.guidance[0]["omega"]
     guided = ClassifierFreeGuidance(trained.denoiser, omega, trained.null_label)
     seeds = list(range(cfg.sample.num_samples))
-    labels = torch.tensor([s % trained.num_classes for s in seeds])
+    labels = sample_labels(cfg.sample.labels, trained.num_classes, seeds)
     images = run_sampler("ddim", guided, seeds, trained.shape, steps=cfg.sample.steps,
-                         cond={"y": labels}).float().clamp(-1, 1)
+                         cond={"y": labels}, clip_x0=cfg.sample.clip_x0).float().clamp(-1, 1)
     uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     saved = ImageDataset.load(cfg.run_dir / "samples" / "ddim")
     order = sorted(range(len(saved.ids)), key=lambda i: saved.ids[i])
