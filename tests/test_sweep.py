@@ -109,7 +109,7 @@ def children(cfg, sweep_name: str) -> list:
     ({"params": {"sample.guidance.cfg.omega": {"type": "float", "low": 1.0, "high": 1.0}}},
      "empty or inverted range"),
     ({"params": {"sample.guidance.cfg.omegaa": {"type": "float", "low": 0.0, "high": 1.0}}},
-     "params.sample.guidance.cfg.omegaa: unknown config key 'sample.guidance.cfg.omegaa'"),
+     "params.sample.guidance.cfg.omegaa: unknown config key 'sample.guidance[0].omegaa'"),
     ({"params": {"cbdm.tau": {"type": "log", "low": 0.1, "high": 1.0}}},
      "a sampling sweep reuses one checkpoint"),
     ({"params": {"sample.steps": {"type": "categorical", "choices": []}}},
