@@ -138,6 +138,15 @@ class Recipe:
                           f"{', '.join(s.name for s in self.stages)}")
 
 
+def requires(recipe: str, key: str, value: str) -> Callable[[ExperimentConfig], None]:
+    """A Recipe.check: config key ``key`` (dotted) must equal ``value``."""
+    def check(cfg: ExperimentConfig) -> None:
+        have = config_values(cfg, [key])[key]
+        if have != value:
+            raise ConfigError(f"recipe {recipe}: needs {key}: {value}, got {have!r}")
+    return check
+
+
 def register_recipe(recipe: Recipe) -> Recipe:
     RECIPES.register(recipe.name)(recipe)
     return recipe

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from debiaslab.diffusion.losses import LOSSES, DenoisingLoss, mean_per_sample
 from debiaslab.errors import ConfigError
 from debiaslab.pipeline import diffusion_stages
-from debiaslab.recipes import Recipe, register_recipe
+from debiaslab.recipes import Recipe, register_recipe, requires
 from debiaslab.registry import Registry
 
 # Where y' comes from (docs/algorithms.md §4.2 FLAG): the official code uses the empirical training
@@ -113,12 +113,6 @@ class CBDMLoss(DenoisingLoss):
         return self.weight(level, mse) * mse + torch.where(active, reg, torch.zeros_like(reg))
 
 
-def check_cbdm_config(cfg: Any) -> None:
-    if cfg.diffusion.loss != "cbdm":
-        raise ConfigError(f"recipe cbdm: needs diffusion.loss: cbdm, got "
-                          f"{cfg.diffusion.loss!r}")
-
-
 register_recipe(Recipe(
-    "cbdm", diffusion_stages(), check=check_cbdm_config,
+    "cbdm", diffusion_stages(), check=requires("cbdm", "diffusion.loss", "cbdm"),
     description="Qin et al. 2023: class-balancing regularizer in training, CFG at sampling"))

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from torch import Tensor
 
 from debiaslab.diffusion.weighting import WEIGHTINGS, Weighting
-from debiaslab.errors import ConfigError
 from debiaslab.pipeline import diffusion_stages
-from debiaslab.recipes import Recipe, register_recipe
+from debiaslab.recipes import Recipe, register_recipe, requires
 
 
 @WEIGHTINGS.register("debias")
@@ -26,12 +24,6 @@ class DebiasWeighting(Weighting):
         return snr.rsqrt()
 
 
-def check_debias_config(cfg: Any) -> None:
-    if cfg.diffusion.weighting != "debias":
-        raise ConfigError(f"recipe debias: needs diffusion.weighting: debias, got "
-                          f"{cfg.diffusion.weighting!r}")
-
-
 register_recipe(Recipe(
-    "debias", diffusion_stages(), check=check_debias_config,
+    "debias", diffusion_stages(), check=requires("debias", "diffusion.weighting", "debias"),
     description="Yu et al. 2024: 1/sqrt(SNR) loss weighting"))
