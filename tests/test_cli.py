@@ -1,5 +1,6 @@
 """The `debiaslab` CLI: --help everywhere, dry runs, one-line errors, and a tiny end-to-end run."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,14 +107,39 @@ def test_run_end_to_end_records_mlflow(tmp_path, capsys):
     assert {"eval/fid", "eval/ddim/fid", "eval/dpmpp_2m/fid"} <= set(run.data.metrics)
 
 
-@pytest.mark.parametrize("job", ["build_data", "extract", "train", "sample", "evaluate",
-                                 "pipeline"])
-def test_job_entry_points_dry_run(job, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, f"jobs/{job}.py", "-c", "configs/experiments/digits_lt_baseline.yaml",
-         "--set", f"output_dir={tmp_path}", "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+# every `ray job submit` entry point that takes an experiment config, with the config it is used
+# with; all of them run in one interpreter (runpy, as `python jobs/X.py` would) to pay the torch
+# and ray imports once
+JOBS = {job: "configs/experiments/digits_lt_baseline.yaml"
+        for job in ("build_data", "extract", "train", "sample", "evaluate", "pipeline")}
+JOBS["classifier"] = "configs/experiments/digits_classifier_guidance.yaml"
+RUN_JOBS = """
+import contextlib, io, json, runpy, sys
+out_dir, jobs = sys.argv[1], json.loads(sys.argv[2])
+result = {}
+for job, config in jobs.items():
+    sys.argv = [f"jobs/{job}.py", "-c", config, "--set", f"output_dir={out_dir}", "--dry-run"]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        try:
+            runpy.run_path(f"jobs/{job}.py", run_name="__main__")
+            code = None
+        except SystemExit as exc:
+            code = exc.code
+    result[job] = [code, buf.getvalue()]
+print(json.dumps(result))
+"""
+
+
+def test_job_entry_points_dry_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", RUN_JOBS, str(tmp_path), json.dumps(JOBS)],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    assert "config OK" in proc.stdout
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == set(JOBS)
+    for job, (code, output) in result.items():
+        assert code == 0, f"jobs/{job}.py: exit {code}: {output}"
+        assert "config OK" in output, f"jobs/{job}.py: {output}"
 
 
 def test_quickstart_end_to_end_tiny(tmp_path, capsys):

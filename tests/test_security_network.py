@@ -1,11 +1,14 @@
 """The local Ray that debiaslab starts listens on loopback only.
 
-Each Ray-using command (train, sample, extract, sweep with ``distributed.backend=ray``) runs as a
-user runs it, in a subprocess, while the OS socket table is polled: every LISTEN (TCP) or bound
-unconnected (UDP) socket held by the command's process tree (all descendants, plus processes whose
-command line names the command's Ray temp dir, in case some were reparented) must be on 127.0.0.1
-/ ::1. Half of the commands import ``ray`` before debiaslab (a user script that did so), which
-Ray's import-time settings made bind every interface. Linux only: reads /proc.
+Each kind of Ray-using command with ``distributed.backend=ray`` runs as a user runs it: a recipe
+run whose train stage uses Ray Train and whose sample stage uses Ray Data (both in one Ray
+session; the test also checks what that run recorded in MLflow), a Ray Data map job (extract) and
+a Tune sweep. Each runs in a subprocess while the OS socket table is polled: every LISTEN (TCP)
+or bound unconnected (UDP) socket held by the command's process tree (all descendants, plus
+processes whose command line names the command's Ray temp dir, in case some were reparented)
+must be on 127.0.0.1 / ::1. Two of the commands import ``ray`` before debiaslab (a user script
+that did so), which Ray's import-time settings made bind every interface. Linux only: reads
+/proc.
 """
 
 from __future__ import annotations
@@ -241,8 +244,7 @@ def run_watched(args: list[str], ray_tmp: str, *, ray_first: bool) -> ListenWatc
 
 COMMANDS = {
     # name: (argv after `debiaslab`, import ray before debiaslab?)
-    "train": (["train", "--set", "name=net_ray_train"], False),
-    "sample": (["sample"], True),
+    "run": (["run", "--set", "name=net_ray_run"], True),
     "extract": (["extract"], False),
     "sweep": (["sweep"], True),
 }
@@ -262,6 +264,30 @@ def test_local_ray_listens_on_loopback_only(workspace, command):
     assert not watcher.exposed(), (
         f"{command}: sockets on non-loopback addresses: {watcher.exposed()}")
     assert any(name.startswith("gcs_server") for *_, name in watcher.listeners), watcher.listeners
+    if command == "run":
+        check_recipe_run_on_ray(workspace / "out")
+
+
+def check_recipe_run_on_ray(out: Path) -> None:
+    """What the `run` command above did on ``distributed.backend: ray``: Ray Train trained (rank 0
+    logged into the driver's train child run), Ray Data sampled, the parent run got the FID."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("net").experiment_id],
+                              filter_string="attributes.run_name = 'net_ray_run'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    parent = runs[0]
+    children = {r.data.tags["debiaslab.stage"]: r for r in client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert set(children) == {"data", "train", "sample", "evaluate"}
+    steps = [m.step for m in client.get_metric_history(children["train"].info.run_id,
+                                                       "train/loss")]
+    assert steps == [1, 2]
+    assert "eval/fid" in parent.data.metrics
+    samples = out / "runs" / "net_ray_run" / "samples"
+    assert (samples / "grid_ddim.png").is_file() and (samples / "ddim" / "dataset.json").is_file()
 
 
 def test_socket_table_reader_sees_an_exposed_listener():
