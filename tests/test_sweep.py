@@ -238,3 +238,18 @@ def test_summary_plots_survive_degenerate_trials(base):
               for w in (0.1, 0.7, 1.5, 2.2, 2.9)]
     bars = importance_and_scatter_figures(sweep, varied)["param_importance"].axes[0].patches
     assert len(bars) == 1 and bars[0].get_width() == pytest.approx(1.0)
+
+
+def test_best_breaks_ties_by_the_second_objective_and_marks_the_pareto_front():
+    """Measured on the classifier-guidance scale sweep: several scales reach accuracy 1.0; the
+    best is the one of them with the lowest FID, and the front lists the trade-offs."""
+    from debiaslab.sweeps import Objective, pareto_front, ranking_key
+
+    objectives = [Objective("eval/label_accuracy", "max"), Objective("eval/fid", "min")]
+    trials = [{"eval/label_accuracy": a, "eval/fid": f} for a, f in
+              [(1.0, 202.5), (1.0, 201.4), (0.9967, 120.0), (0.95, 57.0), (0.25, 88.8),
+               (1.0, float("nan"))]]
+    best = min(range(len(trials)), key=lambda i: ranking_key(trials[i], objectives))
+    assert best == 1
+    assert pareto_front(trials, objectives) == [False, True, True, True, False, False]
+    assert pareto_front(trials[:1], objectives[:1]) == [True]

@@ -43,6 +43,29 @@ class Objective:
     metric: str = ""
     mode: Literal["min", "max"] = "min"
 
+    def key(self, metrics: dict[str, Any]) -> float:
+        """Smaller is better: the metric (min) or its negation (max); +inf when missing."""
+        value = metrics.get(self.metric)
+        if value is None or not isinstance(value, (int, float)) or value != value:
+            return float("inf")
+        return float(value) if self.mode == "min" else -float(value)
+
+
+def ranking_key(metrics: dict[str, Any], objectives: list[Objective]) -> tuple[float, ...]:
+    """Lexicographic rank of a trial: the first objective, ties broken by the second."""
+    return tuple(o.key(metrics) for o in objectives)
+
+
+def pareto_front(all_metrics: list[dict[str, Any]], objectives: list[Objective]) -> list[bool]:
+    """Per trial: no other trial is at least as good on every objective and better on one."""
+    keys = [ranking_key(m, objectives) for m in all_metrics]
+
+    def dominates(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    return [not any(dominates(other, k) for other in keys) and all(v != float("inf") for v in k)
+            for k in keys]
+
 
 @dataclass
 class SchedulerSpec:

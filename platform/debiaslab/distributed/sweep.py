@@ -22,6 +22,8 @@ from debiaslab.sweeps import (
     SweepConfig,
     check_objectives,
     importance_and_scatter_figures,
+    pareto_front,
+    ranking_key,
     trial_config,
 )
 
@@ -370,7 +372,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                                  f"(first error: {errors[0] if errors else 'none'})")
         _end_open_children(tracking_uri, experiment, sweep.name,
                            {t["trial_id"]: t["rung"] for t in trials}, sweep.rungs)
-        best = _best_result(grid, metric, mode, sweep.rungs)
+        best = _best_result(grid, sweep.objectives, sweep.rungs)
         result = SweepResult(best_config=dict(best.config),
                              best_metrics={k: v for k, v in best.metrics.items()
                                            if isinstance(v, (int, float)) and "/" in k},
@@ -381,13 +383,14 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
     return result
 
 
-def _best_result(grid: Any, metric: str, mode: str, rungs: int) -> Any:
+def _best_result(grid: Any, objectives: list[Any], rungs: int) -> Any:
     """The best trial among those that reached the last rung (an early-stopped trial's FID is
-    on fewer samples or training steps, so not comparable); all trials if none did."""
+    on fewer samples or training steps, so not comparable; all trials if none did): the first
+    objective decides, ties are broken by the second (sweeps.ranking_key)."""
+    metric = objectives[0].metric
     results = [r for r in grid if r.metrics and r.metrics.get(metric) is not None]
     complete = [r for r in results if int(r.metrics.get(RUNG_KEY, 0)) == rungs] or results
-    pick = min if mode == "min" else max
-    return pick(complete, key=lambda r: float(r.metrics[metric]))
+    return min(complete, key=lambda r: ranking_key(r.metrics, objectives))
 
 
 def _end_open_children(tracking_uri: str, experiment: str, sweep_name: str,
@@ -422,12 +425,13 @@ def _log_summary(parent: Any, sweep: SweepConfig, result: SweepResult) -> None:
     out = result.sweep_dir / "summary"
     out.mkdir(parents=True, exist_ok=True)
     metric_cols = [o.metric for o in sweep.objectives]
+    trials = sorted(result.trials, key=lambda t: ranking_key(t["metrics"], sweep.objectives))
+    front = pareto_front([t["metrics"] for t in trials], sweep.objectives)
     rows = [{"trial": t["trial_id"], **t["params"], "rung": t["rung"],
-             **{m: t["metrics"].get(m) for m in metric_cols}} for t in result.trials]
-    rows.sort(key=lambda r: (r[metric_cols[0]] is None, r[metric_cols[0]] or 0.0),
-              reverse=sweep.objective.mode == "max")
-    table = out / "trials.md"
-    table.write_text(markdown_table(rows), encoding="utf-8")
+             **{m: t["metrics"].get(m) for m in metric_cols},
+             **({"pareto": "yes" if on else ""} if len(metric_cols) > 1 else {})}
+            for t, on in zip(trials, front)]
+    table = write_text_atomic(out / "trials.md", markdown_table(rows))
     parent.log_artifact(table, "sweep")
     for name, fig in importance_and_scatter_figures(sweep, result.trials).items():
         parent.log_artifact(save_figure(fig, out / f"{name}.png"), "sweep")
