@@ -31,3 +31,4 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_ray_train.py
 	$(PY) tests/benchmarks/bench_guidance.py
 	$(PY) tests/benchmarks/bench_map_memory.py
+	$(PY) tests/benchmarks/bench_minority_score.py

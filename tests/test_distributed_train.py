@@ -246,6 +246,25 @@ def test_classifier_ddp_on_ray_train_equals_one_process(ray_cluster, out_dir):
     assert load_checkpoint(result.checkpoint)["batch"] == {"global": 16, "world_size": 2}
 
 
+def test_cbdm_ddp_on_ray_train_equals_one_process(ray_cluster, out_dir):
+    """CBDM (Qin et al. 2023) on Ray Train: 2 gloo workers x 8 == 1 process x 16 (same y',
+    label-dropout coin and noise per sample)."""
+    from debiaslab.distributed.train import train_distributed
+
+    common = ["diffusion.loss=cbdm", "train.label_dropout=0.5", "train.label_dropout_mode=batch",
+              "train.steps=6", "train.checkpoint_every=6", "train.warmup_steps=2",
+              "tracking.enabled=false"]
+    single = make_cfg(out_dir, "cbdm-single", *common, "distributed.backend=local")
+    one = Trainer(single, load_training_data(single), single.run_dir, progress=False).fit()
+    ddp = make_cfg(out_dir, "cbdm-ddp", *common, "distributed.backend=ray",
+                   "distributed.cpus_per_worker=0.5")
+    result = train_distributed(ddp)
+    a = load_checkpoint(one.checkpoint)["model"]
+    b = load_checkpoint(result.checkpoint)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_worker_sigkill_resumes_from_last_checkpoint_exactly(reference, out_dir):
     from debiaslab.distributed.train import train_distributed
 

@@ -1,14 +1,14 @@
 """The local Ray that debiaslab starts listens on loopback only.
 
 Each kind of Ray-using command with ``distributed.backend=ray`` runs as a user runs it: a recipe
-run whose train stage uses Ray Train and whose sample stage uses Ray Data (both in one Ray
-session; the test also checks what that run recorded in MLflow), a Ray Data map job (extract) and
-a Tune sweep. Each runs in a subprocess while the OS socket table is polled: every LISTEN (TCP)
-or bound unconnected (UDP) socket held by the command's process tree (all descendants, plus
-processes whose command line names the command's Ray temp dir, in case some were reparented)
-must be on 127.0.0.1 / ::1. Two of the commands import ``ray`` before debiaslab (a user script
-that did so), which Ray's import-time settings made bind every interface. Linux only: reads
-/proc.
+run whose train stage uses Ray Train and whose sample stage uses Ray Data (one Ray session; the
+test also checks what that run recorded in MLflow; `extract` and the minority-score stage take
+the same Ray Data map-job path as the sample stage), and a Tune sweep. Each runs in a subprocess
+while the OS socket table is polled: every LISTEN (TCP) or bound unconnected (UDP) socket held
+by the command's process tree (all descendants, plus processes whose command line names the
+command's Ray temp dir, in case some were reparented) must be on 127.0.0.1 / ::1. The sweep
+imports ``ray`` before debiaslab (a user script that did so), which Ray's import-time settings
+made bind every interface. Linux only: reads /proc.
 """
 
 from __future__ import annotations
@@ -244,8 +244,7 @@ def run_watched(args: list[str], ray_tmp: str, *, ray_first: bool) -> ListenWatc
 
 COMMANDS = {
     # name: (argv after `debiaslab`, import ray before debiaslab?)
-    "run": (["run", "--set", "name=net_ray_run"], True),
-    "extract": (["extract"], False),
+    "run": (["run", "--set", "name=net_ray_run"], False),
     "sweep": (["sweep"], True),
 }
 

@@ -25,6 +25,7 @@ from debiaslab.training.loop import Trainer
 
 RAY_TMP = "/tmp/dl-sweep-test"
 KILL_AFTER_FINISHED = 2
+RESUME_TRIALS = 3  # killed after 2 finished: at least one trial is left for the restored run
 KILL_TIMEOUT_S = 600
 EXPERIMENT = {
     "name": "tiny", "model": {"model_channels": 16, "channel_mult": [1, 2],
@@ -183,7 +184,8 @@ def test_training_sweep_trains_each_trial_with_ray_train(base, ray_env_tmp):
 
 def test_killed_driver_resumes_without_rerunning_or_duplicating(base, tmp_path, ray_env_tmp):
     root, experiment, cfg = base
-    path = write_sweep(root, experiment, "resume", num_trials=4, max_concurrent_trials=1)
+    path = write_sweep(root, experiment, "resume", num_trials=RESUME_TRIALS,
+                       max_concurrent_trials=1)
     env = dict(os.environ, DEBIASLAB_RAY_TMP=RAY_TMP + "-driver")
     driver = subprocess.Popen([sys.executable, "-m", "debiaslab.cli", "sweep", "-c", str(path)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -214,8 +216,8 @@ def test_killed_driver_resumes_without_rerunning_or_duplicating(base, tmp_path, 
     assert result.restored
     runs = children(cfg, "resume")
     ids = [r.tags["debiaslab.trial_id"] for r in runs]
-    assert len(ids) == len(set(ids)) == 4  # no duplicate child runs, the configured total
-    assert len(result.trials) == 4
+    assert len(ids) == len(set(ids)) == RESUME_TRIALS  # no duplicate child runs, the total
+    assert len(result.trials) == RESUME_TRIALS
     assert all(r.status == "FINISHED" for r in runs)
     for trial_id in finished_before:  # finished trials ran exactly once
         attempts = Path(cfg.output_dir) / "runs" / f"resume-{trial_id}" / "attempts.txt"

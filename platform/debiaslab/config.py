@@ -219,6 +219,15 @@ class ExperimentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # method-owned top-level sections (register_section), by name; read one as cfg.<name>
+    sections: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __getattr__(self, name: str) -> Any:
+        """``cfg.<section>`` for a method-owned section (its defaults when the config has none)."""
+        if name in SECTIONS:
+            value = self.__dict__.get("sections", {}).get(name)
+            return SECTIONS[name]() if value is None else value
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def run_dir(self) -> Path:
@@ -237,6 +246,36 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# method-owned sections: a method module declares its own typed top-level section
+
+SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> type:
+    """Give a method its own top-level config section (``minority:`` for methods.minority_guidance),
+    as strict as the built-in ones: YAML and ``--set minority.n_iter=3`` set it, ``cfg.minority``
+    reads it, to_dict writes it (defaults included), sweeps vary it. A section may define
+    ``check(self, cfg)`` (called by :func:`validate`) and ``affects_training = True`` when the
+    score model's training depends on it (else resume ignores it)."""
+    builtin = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    if not dataclasses.is_dataclass(cls) or name in builtin or SECTIONS.get(name, cls) is not cls:
+        raise ValueError(f"config section {name!r}: needs a dataclass and a new name")
+    SECTIONS[name] = cls
+    return cls
+
+
+def with_section(cfg: ExperimentConfig, name: str, value: Any) -> ExperimentConfig:
+    """``cfg`` with section ``name`` replaced (dataclasses.replace for method-owned sections)."""
+    return dataclasses.replace(cfg, sections={**cfg.sections, name: value})
+
+
+def resume_ignored() -> tuple[str, ...]:
+    """RESUME_IGNORED plus every method section the score model's training does not read."""
+    return RESUME_IGNORED + tuple(f"{name}." for name, cls in SECTIONS.items()
+                                  if not getattr(cls, "affects_training", False))
 
 
 def dataset_key(data: DataConfig) -> str:
@@ -355,12 +394,15 @@ def _from_dict(cls: type, raw: dict[str, Any], prefix: str = "", base: Any = Non
     when only some of its keys are set."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ExperimentConfig:  # `sections` is filled by from_dict, under the sections' names
+        names.remove("sections")
     base = cls() if base is None else base
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {full!r}; allowed: {', '.join(names)}")
+            allowed = names + sorted(SECTIONS) if cls is ExperimentConfig else names
+            raise ConfigError(f"unknown config key {full!r}; allowed: {', '.join(allowed)}")
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             kwargs[key] = _from_dict(hints[key], value, full, base=getattr(base, key))
         else:
@@ -370,7 +412,12 @@ def _from_dict(cls: type, raw: dict[str, Any], prefix: str = "", base: Any = Non
 
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build a validated config from a plain dict (missing keys take their defaults)."""
-    return _from_dict(ExperimentConfig, raw or {})
+    import debiaslab.methods  # noqa: F401  (registers the method-owned sections)
+
+    raw = dict(raw or {})
+    sections = {name: _convert(raw.pop(name), cls, name) if name in raw else cls()
+                for name, cls in SECTIONS.items()}
+    return dataclasses.replace(_from_dict(ExperimentConfig, raw), sections=sections)
 
 
 # Keys older versions wrote that no longer mean anything (they are dropped from the configs
@@ -408,7 +455,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    out = {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    if isinstance(cfg, ExperimentConfig):  # method sections at the top level, defaults included
+        out.pop("sections", None)
+        for name in SECTIONS:
+            out[name] = plain(dataclasses.asdict(getattr(cfg, name)))
+    return out
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -591,6 +643,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _validate_model(cfg)
     _validate_options(cfg)
     _validate_classifier(cfg)
+    for name in SECTIONS:
+        check = getattr(getattr(cfg, name), "check", None)
+        if check is not None:
+            check(cfg)
 
 
 # Resume (training.resume): keys whose change never alters what a run means are ignored; these

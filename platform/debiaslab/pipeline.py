@@ -342,8 +342,10 @@ def build_metric_extractor(cfg: ExperimentConfig) -> Any:
 
 def evaluate_samples(cfg: ExperimentConfig, samples: Any, *, extractor: Any = None,
                      tracker: Any = None, name: str = "samples", progress: bool = False,
-                     out_dir: Path | None = None) -> Any:
-    """Evaluate a SampleSet (or a path to one) with cfg.metrics; write eval JSON and plots."""
+                     out_dir: Path | None = None, inputs: Any = None) -> Any:
+    """Evaluate a SampleSet (or a path to one) with cfg.metrics, plus the recipe's own
+    metrics (Recipe.evaluation, given ``inputs``: {artifact: path}, by default the run's recorded
+    stage outputs); write eval JSON and plots."""
     from debiaslab.metrics.evaluate import SampleSet, evaluate, load_samples, save_evaluation
     from debiaslab.report import evaluation_figures, save_figure
 
@@ -361,6 +363,7 @@ def evaluate_samples(cfg: ExperimentConfig, samples: Any, *, extractor: Any = No
                   head_fraction=m.head_fraction, class_counts=class_counts,
                   bootstrap=m.bootstrap, kid_subset_size=m.kid_subset_size,
                   batch_size=m.batch_size, seed=m.seed, progress=progress)
+    recipe_evaluation(cfg, samples, extractor, ev, inputs)
     out = Path(out_dir) if out_dir else cfg.run_dir / "eval"
     json_path = save_evaluation(ev, out / f"eval_{name}.json")
     figures = {}
@@ -376,6 +379,22 @@ def evaluate_samples(cfg: ExperimentConfig, samples: Any, *, extractor: Any = No
         tracker.set_tag("eval.reference", f"{ev.meta['reference_name']}@"
                                           f"{ev.meta['reference_hash'][:12]}")
     return ev
+
+
+def recipe_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any, ev: Any,
+                      inputs: Any = None) -> None:
+    """Add the recipe's own metrics and their provenance to ``ev`` (no-op for recipes without)."""
+    from debiaslab.recipes import RECIPES, recorded_outputs
+
+    recipe = RECIPES.get(cfg.recipe)
+    if recipe.evaluation is None:
+        return
+    if inputs is None:
+        inputs = recorded_outputs(cfg)
+    paths = {k: str(getattr(v, "path", v)) for k, v in dict(inputs).items()}
+    metrics, meta = recipe.evaluation(cfg, samples, extractor, paths)
+    ev.metrics.update(metrics)
+    ev.meta.update(meta)
 
 
 def eval_row(label: str, ev: Any) -> dict[str, Any]:
@@ -438,7 +457,7 @@ def evaluate_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
     result = StageResult(run_dir=cfg.run_dir)
     for name in cfg.sample.samplers:
         result.artifacts[f"samples_{name}"] = folder / name
-    evaluate_run(cfg, result, tracker=ctx.tracker, progress=False)
+    evaluate_run(cfg, result, tracker=ctx.tracker, progress=False, inputs=ctx.inputs)
     metrics = dict(result.metrics)  # eval/<metric> of the first sampler, eval/<sampler>/...
     for name, ev in result.evaluations.items():
         metrics.update({f"eval/{name}/{k}": v for k, v in ev.metrics.items()})
@@ -515,9 +534,11 @@ TRAIN_KEYS = ("model.", "diffusion.", "train.", "cbdm.", "data.augment",
 
 
 def diffusion_stages(sample_inputs: dict[str, str] | None = None,
-                     extra: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+                     extra: tuple[Any, ...] = (), evaluate_inputs: dict[str, str] | None = None,
+                     evaluate_keys: tuple[str, ...] = ()) -> tuple[Any, ...]:
     """data -> train -> [extra stages] -> sample -> evaluate; ``sample_inputs`` adds inputs of
-    the sample stage (e.g. a guidance classifier's checkpoint)."""
+    the sample stage (e.g. a guidance classifier's checkpoint), ``evaluate_inputs`` and
+    ``evaluate_keys`` what the recipe's own evaluation (Recipe.evaluation) reads."""
     from debiaslab.recipes import Stage
 
     return (
@@ -531,8 +552,9 @@ def diffusion_stages(sample_inputs: dict[str, str] | None = None,
               inputs={"score_model": "checkpoint", **(sample_inputs or {})},
               outputs={"samples": "samples"}, keys=("sample.",),
               description="sample with every configured sampler and guidance"),
-        Stage("evaluate", evaluate_stage, inputs={"samples": "samples"},
-              outputs={"evaluation": "evaluation"}, keys=("metrics.",),
+        Stage("evaluate", evaluate_stage,
+              inputs={"samples": "samples", **(evaluate_inputs or {})},
+              outputs={"evaluation": "evaluation"}, keys=("metrics.", *evaluate_keys),
               description="quality, fairness and minority metrics against the reference"),
     )
 
@@ -599,7 +621,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, stages: Any 
 
 
 def evaluate_run(cfg: ExperimentConfig, result: StageResult, *, tracker: Any = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, inputs: Any = None) -> None:
     """Evaluate every sampler's samples of a run; the first sampler's metrics are also logged
     without the sampler in the name (``eval/fid``), the namespace sweeps and comparisons use."""
     from debiaslab.report import format_table
@@ -607,7 +629,7 @@ def evaluate_run(cfg: ExperimentConfig, result: StageResult, *, tracker: Any = N
     extractor = build_metric_extractor(cfg)
     for i, name in enumerate(cfg.sample.samplers):
         ev = evaluate_samples(cfg, result.artifacts[f"samples_{name}"], extractor=extractor,
-                              tracker=tracker, name=name, progress=progress)
+                              tracker=tracker, name=name, progress=progress, inputs=inputs)
         result.evaluations[name] = ev
         if i == 0:
             result.metrics.update(ev.prefixed("eval"))
@@ -624,9 +646,11 @@ def trial_ops() -> Any:
     """The stage functions Tune trials run (handed to distributed.sweep, which never imports
     this module)."""
     from debiaslab.distributed.sweep import TrialOps
+    from debiaslab.recipes import recorded_outputs
 
     return TrialOps(train=train, sample=sample, evaluate_samples=evaluate_samples,
-                    build_metric_extractor=build_metric_extractor, reference_path=reference_path)
+                    build_metric_extractor=build_metric_extractor, reference_path=reference_path,
+                    recorded_outputs=recorded_outputs)
 
 
 def run_sweep(sweep_file: str | Path, overrides: list[str] | None = None, *,

@@ -117,6 +117,10 @@ class Recipe:
     stages: tuple[Stage, ...]
     description: str = ""
     check: Callable[[ExperimentConfig], None] | None = None  # extra config rules of the method
+    # extra metrics of the method, computed wherever samples are evaluated (evaluate stage,
+    # `debiaslab evaluate`, sweep trials): (cfg, SampleSet, extractor, {artifact: path} of the
+    # run's recorded stage outputs) -> (metrics, provenance for the evaluation's meta)
+    evaluation: Callable[..., tuple[dict[str, float], dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         produced: dict[str, str] = {}
@@ -225,6 +229,22 @@ def read_record(cfg: ExperimentConfig, stage: Stage) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
+
+
+def recorded_outputs(cfg: ExperimentConfig) -> dict[str, str]:
+    """{artifact name: path} of every stage output recorded in the run folder (what a method's
+    evaluation or a sweep trial reads of the run that produced its checkpoint)."""
+    out: dict[str, str] = {}
+    folder = cfg.run_dir / RECORD_DIR
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict) and record.get("version") == RECORD_VERSION:
+            out.update({k: str(v.get("path", "")) for k, v in record.get("outputs", {}).items()
+                        if isinstance(v, dict)})
+    return out
 
 
 def write_record(cfg: ExperimentConfig, stage: Stage, key: str, output: StageOutput) -> Path:

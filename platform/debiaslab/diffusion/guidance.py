@@ -138,7 +138,8 @@ class ClassifierGuidance(Guided):
         if spec.target != BALANCED_TARGET and not 0 <= spec.target < num:
             raise ConfigError(f"sample.guidance classifier: target={spec.target} is not a class "
                               f"of the classifier (0..{num - 1}, or -1 for balanced targets)")
-        log_prob = ClassifierLogProb(model, num)
+        log_prob = ClassifierLogProb(model, num,
+                                     conditional=int(info.get("num_cond_classes", 0)) > 0)
         return cls(inner, log_prob, spec.scale, form,
                    None if spec.target == BALANCED_TARGET else spec.target)
 
@@ -158,9 +159,14 @@ class ClassifierGuidance(Guided):
             (grad,) = torch.autograd.grad(self.log_prob(x, t, **cond).sum(), x)
         return grad
 
-    def _log_prob_cond(self, mine: dict[str, Any]) -> dict[str, Any]:
+    def _log_prob_cond(self, mine: dict[str, Any], rest: dict[str, Any]) -> dict[str, Any]:
+        """The log-prob's inputs: the per-sample target, and the class label y of a
+        class-conditional classifier p(target | x_t, t, y) (the sample's own label)."""
         target = mine.get("guidance_target")
-        return {} if target is None else {"target": target}
+        out = {} if target is None else {"target": target}
+        if getattr(self.log_prob, "conditional", False):
+            out["y"] = rest.get("y")
+        return out
 
     def __call__(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         mine, rest = self.own(cond)
@@ -168,31 +174,39 @@ class ClassifierGuidance(Guided):
         if self.scale == 0 or self.form != "eps":
             return eps
         _, s = self.schedule.alpha_sigma(torch.as_tensor(t).reshape(-1).expand(len(x_t)), x_t)
-        return eps - self.scale * s * self.gradient(x_t, t, **self._log_prob_cond(mine))
+        return eps - self.scale * s * self.gradient(x_t, t, **self._log_prob_cond(mine, rest))
 
     def mean_shift(self, x_t: Tensor, t: Tensor, variance: Tensor, **cond: Any) -> Tensor | None:
         inner = super().mean_shift(x_t, t, variance, **cond)
         if self.scale == 0 or self.form != "mean_shift":
             return inner
-        mine, _ = self.own(cond)
-        grad = self.gradient(x_t, t, **self._log_prob_cond(mine))
+        mine, rest = self.own(cond)
+        grad = self.gradient(x_t, t, **self._log_prob_cond(mine, rest))
         return _add(inner, self.scale * variance.to(grad.dtype) * grad)
 
 
 class ClassifierLogProb:
-    """log p(target | x_t, t) = log_softmax(classifier(x_t, t))[target], per sample [B]."""
+    """log p(target | x_t, t) = log_softmax(classifier(x_t, t))[target], per sample [B]; a
+    ``conditional`` classifier also takes the sample's class label y (p(target | x_t, t, y))."""
 
-    def __init__(self, model: Any, num_classes: int) -> None:
+    def __init__(self, model: Any, num_classes: int, conditional: bool = False) -> None:
         self.model = model
         self.num_classes = num_classes
+        self.conditional = conditional
 
-    def __call__(self, x_t: Tensor, t: Tensor, target: Tensor | None = None) -> Tensor:
+    def __call__(self, x_t: Tensor, t: Tensor, target: Tensor | None = None,
+                 y: Tensor | None = None) -> Tensor:
         if target is None:
             raise ConfigError("classifier guidance needs per-sample targets (guidance_target)")
+        if self.conditional and y is None:
+            raise ConfigError("a class-conditional guidance classifier needs the samples' class "
+                              "labels: use a class-conditional score model and sample.labels "
+                              "balanced or uniform")
         param = next(self.model.parameters(), None)
         dtype = param.dtype if param is not None else x_t.dtype  # the classifier's precision
         t = torch.as_tensor(t).reshape(-1).expand(len(x_t)).to(x_t.device, torch.float32)
-        logits = self.model(x_t.to(dtype), t)
+        extra = {"y": y.to(x_t.device).long()} if self.conditional else {}
+        logits = self.model(x_t.to(dtype), t, **extra)
         log_p = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)),
                                   dim=-1)  # at least float32 (bf16 logits under autocast)
         return log_p.gather(1, target.to(x_t.device).long().view(-1, 1)).squeeze(1)

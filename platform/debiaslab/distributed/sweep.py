@@ -61,6 +61,9 @@ class TrialOps:
     evaluate_samples: Any  # (cfg, samples, extractor=, name=, out_dir=) -> Evaluation
     build_metric_extractor: Any  # (cfg) -> extractor
     reference_path: Any  # (cfg) -> Path
+    recorded_outputs: Any = None  # (cfg) -> {artifact: path} the run's recipe recorded
+    # the base run's recorded artifacts, which every trial's evaluation reads (run_sweep)
+    inputs: dict[str, str] = field(default_factory=dict)
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -91,7 +94,7 @@ def reported_metrics(sweep: SweepConfig, ops: TrialOps) -> set[str]:
 
     with tempfile.TemporaryDirectory() as tmp:
         ev = ops.evaluate_samples(probe_cfg, probe, extractor=ops.build_metric_extractor(cfg),
-                                  out_dir=Path(tmp))
+                                  out_dir=Path(tmp), inputs=ops.inputs)
     names = {f"eval/{k}" for k in ev.metrics}
     if sweep.kind == "training":
         names |= set(TRAIN_METRICS)
@@ -163,7 +166,7 @@ def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Pat
     has_labels = bool((labels >= 0).all())
     samples = SampleSet(images, labels if has_labels else None, f"{cfg.name}/{sampler}")
     ev = ops.evaluate_samples(cfg, samples, extractor=extractor, name=sampler,
-                              out_dir=trial_dir / "eval")
+                              out_dir=trial_dir / "eval", inputs=ops.inputs)
     grid = trial_dir / f"samples-{0:06d}" / f"grid_{sampler}.png"
     return ev, grid
 
@@ -265,6 +268,8 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
     from debiaslab.sweeps import load_sweep
 
     sweep = load_sweep(sweep_file, overrides)
+    if ops.recorded_outputs is not None and sweep.base is not None:
+        ops = dataclasses.replace(ops, inputs=dict(ops.recorded_outputs(sweep.base)))
     reported = reported_metrics(sweep, ops)
     check_objectives(sweep, reported)
     checkpoint = _sampling_checkpoint(sweep) if sweep.kind == "sampling" else ""

@@ -12,4 +12,9 @@ register_recipe(Recipe(
     description="a score model with the configured loss and weighting, sampled with the "
                 "configured guidance"))
 
-from debiaslab.methods import cbdm, classifier_guidance, debias  # noqa: E402,F401
+from debiaslab.methods import (  # noqa: E402,F401
+    cbdm,
+    classifier_guidance,
+    debias,
+    minority_guidance,
+)

@@ -167,10 +167,11 @@ def dataset_labels(dataset: Any, label: str) -> tuple[np.ndarray, list[str]]:
 
 
 def side_column(dataset: Any, spec: str, key: str) -> np.ndarray:
-    """Side-table column ``<table>.<column>`` of ``dataset``'s folder aligned to its rows."""
+    """Side-table column ``<table>.<column>`` of ``dataset``'s folder aligned to its rows (the
+    column is after the last dot: table names may hold dots, e.g. ``<run>.mscore``)."""
     from debiaslab.data.side_tables import join, read_side_table
 
-    table, dot, column = spec.partition(".")
+    table, dot, column = spec.rpartition(".")
     if not (table and dot and column):
         raise ConfigError(f"{key}: {spec!r} must name a side table column as <table>.<column>")
     side = read_side_table(dataset.manifest.path, table, [column])

@@ -2,7 +2,8 @@
 
 A checkpoint carries its config and the content hash of the data it trained on. Resuming compares
 them with the current config: keys that only steer bookkeeping (``RESUME_IGNORED``: how long,
-how often to log or checkpoint, where files go, sampling and evaluation) may differ freely; keys
+how often to log or checkpoint, where files go, sampling and evaluation, and method sections the
+score model does not read) may differ freely; keys
 listed in ``train.resume_allow`` (a subset of ``RESUME_ADJUSTABLE``) may differ and are reported;
 any other difference, a different dataset, or ``train.steps`` below the checkpoint's step is a
 one-line :class:`CheckpointError` that lists the keys. Checkpoints of multi-worker Ray runs from
@@ -17,9 +18,9 @@ from typing import Any
 from debiaslab.config import (
     RESUME_ADJUSTABLE,
     RESUME_COMPARED_DATA,
-    RESUME_IGNORED,
     ExperimentConfig,
     drop_removed_keys,
+    resume_ignored,
     to_dict,
 )
 from debiaslab.errors import CheckpointError
@@ -42,7 +43,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _compared(key: str) -> bool:
     if key in RESUME_COMPARED_DATA or key == WORLD_SIZE_KEY:
         return True
-    return not any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_IGNORED)
+    return not any(key == p or (p.endswith(".") and key.startswith(p))
+                   for p in resume_ignored())
 
 
 def _world_size(flat: dict[str, Any]) -> int:

@@ -1,0 +1,708 @@
+"""Minority Guidance: Um, Lee & Ye, "Don't Play Favorites: Minority Guidance for Diffusion
+Models", ICLR 2024 (docs/algorithms.md §1).
+
+Stages (recipe ``minority_guidance``): data -> train (the frozen backbone) -> score (minority
+score of every training image, a Ray Data map job writing a side table) -> classes (L
+equal-frequency classes from score quantiles, stratified validation rows, histogram) ->
+classifier (p(l | x_t, t) on Ray Train, label = the class column) -> sample (the registered
+``classifier`` guidance toward a target class, usually L-1) -> evaluate (the usual metrics plus
+cFID against the minority reference: the real images in the top ``reference_top`` of scores,
+added by Recipe.evaluation wherever samples are evaluated, sweep trials included).
+
+Where the official code and the paper disagree, this module follows docs/algorithms.md §1:
+``perturb_t`` indexes a respaced chain of ``respacing`` steps (60 of 100 -> t = 605), x0_hat is
+clipped to [-1, 1], the class of a score is the smallest j with s <= quantile(s, (j+1)/L).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from debiaslab.config import ExperimentConfig, register_section
+from debiaslab.errors import ConfigError, DataError
+from debiaslab.registry import Registry
+
+SCORE_TABLE = "mscore"  # side tables <name>.mscore (column score) and <name>.mclass
+CLASS_TABLE = "mclass"  # (columns class, val)
+NOISE_DOMAIN = "debiaslab-minority-noise-v1"
+
+
+# ----------------------------------------------------------------------------------- config
+
+
+@dataclass
+class MinorityConfig:
+    """``minority:`` settings (docs/algorithms.md §1.2, §1.3, §1.6); defaults of the official
+    LSUN scripts, except ``distance`` (lpips needs local VGG16 weights)."""
+
+    distance: str = "lpips"  # DISTANCES: lpips | l2 | feature
+    # lpips: {vgg_weights: <torchvision vgg16 state_dict file>}; feature: {extractor: digits}
+    distance_options: dict[str, Any] = field(default_factory=dict)
+    n_iter: int = 5  # noise draws per image
+    perturb_t: int = 60  # an index into the respaced chain of `respacing` steps
+    respacing: int = 100
+    clip_x0: bool = True  # clip the Tweedie estimate to [-1, 1] (guided-diffusion clip_denoised)
+    seed: int = 0  # noise of image `id`, draw i: a generator seeded from (seed, id)
+    # images per model forward (each contributes its n_iter draws); 1 makes every score
+    # independent of how Ray batches images (byte-identical at any concurrency)
+    images_per_forward: int = 1
+    num_classes: int = 100  # L
+    val_ratio: float = 0.05  # stratified validation rows of the classes (classifier stage)
+    class_conditional: bool = False  # quantiles within each dataset class
+    reference_top: float = 0.1  # minority reference: the real images in this top fraction
+
+    def check(self, cfg: ExperimentConfig) -> None:
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"minority.distance: unknown distance {self.distance!r}; allowed: "
+                              f"{', '.join(DISTANCES.names())}")
+        for key in ("n_iter", "respacing", "images_per_forward"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"minority.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.respacing > cfg.diffusion.num_timesteps:
+            raise ConfigError(f"minority.respacing: must be <= diffusion.num_timesteps "
+                              f"({cfg.diffusion.num_timesteps}), got {self.respacing}")
+        if not 0 <= self.perturb_t < self.respacing:
+            raise ConfigError(f"minority.perturb_t: must be in [0, {self.respacing - 1}] (an "
+                              f"index of the {self.respacing}-step chain), got {self.perturb_t}")
+        if self.num_classes < 2:
+            raise ConfigError(f"minority.num_classes: L must be >= 2, got {self.num_classes}")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"minority.val_ratio: must be in [0, 1), got {self.val_ratio}")
+        if not 0.0 < self.reference_top <= 1.0:
+            raise ConfigError(f"minority.reference_top: must be in (0, 1], got "
+                              f"{self.reference_top}")
+        if not 0 <= self.seed <= 2**31 - 1:
+            raise ConfigError(f"minority.seed: must be in [0, {2**31 - 1}], got {self.seed}")
+        DISTANCES.get(self.distance).check_options(self.distance_options)
+
+
+register_section("minority", MinorityConfig)
+
+
+def score_table(cfg: ExperimentConfig) -> str:
+    """The run's score side table (named after the experiment: runs never share one)."""
+    return f"{cfg.name}.{SCORE_TABLE}"
+
+
+def class_table(cfg: ExperimentConfig) -> str:
+    return f"{cfg.name}.{CLASS_TABLE}"
+
+
+# ------------------------------------------------------------------------------- timesteps
+
+
+def respaced_timestep(index: int, respacing: int, num_timesteps: int) -> int:
+    """The original timestep of step ``index`` of guided-diffusion's ``space_timesteps(T,
+    "N")`` chain (one section): the stride (T-1)/(N-1) is accumulated from 0 and each partial
+    sum rounded (half to even). §1.2: perturb_t = 60 of 100 steps of T = 1000 -> t = 605."""
+    if not 0 <= index < respacing <= num_timesteps:
+        raise ConfigError(f"respaced timestep: need 0 <= index < respacing <= T, got {index}, "
+                          f"{respacing}, {num_timesteps}")
+    if respacing == 1:
+        return 0
+    stride = (num_timesteps - 1) / (respacing - 1)
+    position = 0.0
+    for _ in range(index):
+        position += stride
+    return round(position)
+
+
+# ------------------------------------------------------------------------------------ noise
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A 63-bit generator seed for one image: sha256 of (domain, seed, id)."""
+    digest = hashlib.sha256(f"{NOISE_DOMAIN}|{seed}|{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def image_noise(seed: int, image_id: str, n_iter: int, shape: tuple[int, ...]) -> Tensor:
+    """The n_iter standard-normal draws [n_iter, *shape] of one image (CPU, float32): the same
+    for an image wherever and with whatever neighbours it is scored."""
+    gen = torch.Generator().manual_seed(image_seed(seed, image_id))
+    return torch.randn((n_iter, *shape), generator=gen)
+
+
+# -------------------------------------------------------------------------------- distances
+
+
+DISTANCES: Registry[Any] = Registry("minority distance")
+
+
+class Distance:
+    """d(x0, x0_hat) per sample [B] for images in [-1, 1] ([B, C, H, W])."""
+
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            raise ConfigError(f"minority.distance_options: unknown option(s) "
+                              f"{', '.join(unknown)}; allowed: "
+                              f"{', '.join(cls.options) or '(none)'}")
+
+    @classmethod
+    def check_ready(cls, options: dict[str, Any]) -> None:
+        """Settings needed before any work (files the distance loads), checked by the recipe."""
+
+    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+@DISTANCES.register("l2")
+class L2Distance(Distance):
+    """The paper's squared-L2 alternative (§1.2): mean over pixels of (x0 - x0_hat)^2. Without
+    clipping this is ((1 - abar_t) / abar_t) * mean (eps_theta - eps)^2, the scaled eps error."""
+
+    def __init__(self, device: Any = "cpu") -> None:
+        pass
+
+    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
+        return (x0 - x0_hat).float().pow(2).flatten(1).mean(1)
+
+
+@DISTANCES.register("lpips")
+class LPIPSDistance(Distance):
+    """LPIPS with VGG16 features (the official choice, §1.2): the lpips package's linear
+    layers (shipped with it) on torchvision VGG16 features whose weights come from a local file
+    (``vgg_weights``: a torchvision ``vgg16`` state_dict, read with weights_only=True; never
+    downloaded). Inputs in [-1, 1]; 1-channel images are repeated to 3 channels."""
+
+    options = ("vgg_weights",)
+
+    @classmethod
+    def check_ready(cls, options: dict[str, Any]) -> None:
+        path = str(options.get("vgg_weights", "") or "")
+        if not path:
+            raise ConfigError("minority.distance_options.vgg_weights: lpips needs the local "
+                              "torchvision VGG16 weights file (vgg16-397923af.pth); debiaslab "
+                              "never downloads it. Set the path, or use distance: l2 or feature")
+
+    def __init__(self, vgg_weights: str = "", device: Any = "cpu") -> None:
+        self.check_ready({"vgg_weights": vgg_weights})
+        self.model = load_lpips_vgg(Path(vgg_weights)).to(device).eval().requires_grad_(False)
+
+    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
+        if x0.shape[1] == 1:
+            x0, x0_hat = x0.expand(-1, 3, -1, -1), x0_hat.expand(-1, 3, -1, -1)
+        return self.model(x0.float(), x0_hat.float()).flatten()
+
+
+def load_lpips_vgg(path: Path) -> torch.nn.Module:
+    """lpips.LPIPS(net="vgg") with the VGG16 features read from ``path`` (torchvision keys
+    ``features.<i>.weight/bias``, mapped onto lpips' slices). Missing or foreign files are
+    one-line errors naming the path."""
+    import warnings
+
+    import lpips
+
+    from debiaslab.errors import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"LPIPS VGG16 weights not found at {path} "
+                              f"(minority.distance_options.vgg_weights); debiaslab never "
+                              f"downloads them: fetch torchvision's vgg16-397923af.pth on a "
+                              f"machine with internet and point vgg_weights at it")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for corrupt / non-tensor files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"{path}: not a readable VGG16 weights file ({first})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation of pretrained=False
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+    slices = {}  # torchvision feature index -> lpips key prefix
+    for key in model.state_dict():
+        parts = key.split(".")
+        if parts[0] == "net" and parts[1].startswith("slice"):
+            slices[parts[2]] = ".".join(parts[:3])
+    mapped = {}
+    for key, value in state.items():
+        parts = str(key).split(".")
+        if len(parts) == 3 and parts[0] == "features" and parts[1] in slices:
+            mapped[f"{slices[parts[1]]}.{parts[2]}"] = value
+    wanted = {k for k in model.state_dict() if k.startswith("net.")}
+    if set(mapped) != wanted:
+        raise CheckpointError(f"{path}: not torchvision VGG16 weights (found {len(mapped)} of "
+                              f"{len(wanted)} feature tensors)")
+    try:
+        model.load_state_dict(mapped, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0][:200]
+        raise CheckpointError(f"{path}: VGG16 weights of the wrong shapes ({first})") from None
+    return model
+
+
+@DISTANCES.register("feature")
+class FeatureDistance(Distance):
+    """Euclidean distance ||phi(x0) - phi(x0_hat)|| in a registered metric extractor's feature
+    space (``extractor``: digits, inception, ...; other options go to the extractor)."""
+
+    options = ("extractor", "inception_weights")
+
+    def __init__(self, extractor: str = "digits", device: Any = "cpu", **options: Any) -> None:
+        from debiaslab.metrics.features import build_extractor
+
+        self.extractor = build_extractor(extractor, **options)
+
+    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
+        def features(x: Tensor) -> Tensor:
+            u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            return torch.from_numpy(self.extractor.extract(u8, batch_size=len(u8)).features)
+
+        return (features(x0) - features(x0_hat)).double().norm(dim=1).float().to(x0.device)
+
+
+def build_distance(name: str, options: dict[str, Any], device: Any = "cpu") -> Distance:
+    cls = DISTANCES.get(name)
+    cls.check_options(options)
+    cls.check_ready(options)
+    return cls(device=device, **options)
+
+
+# ----------------------------------------------------------------------------- the score
+
+
+def minority_score(denoiser: Any, x0: Tensor, noise: Tensor, t: int,
+                   distance: Callable[[Tensor, Tensor], Tensor], *, clip_x0: bool = True,
+                   cond: dict[str, Tensor] | None = None) -> Tensor:
+    """Um et al. 2024, Eq. 6 as implemented (§1.2): l(x0) = (1/n) sum_i d(x0, x0_hat^(i)) with
+    x_t^(i) = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps^(i) and x0_hat the Tweedie estimate of the
+    frozen model (clipped to [-1, 1] when ``clip_x0``).
+
+    x0 [B, C, H, W] in [-1, 1]; noise [B, n, C, H, W]; ``cond`` per image ([B] each, e.g. the
+    class y of a conditional backbone). Returns float32 scores [B]."""
+    b, n = noise.shape[:2]
+    x = x0.unsqueeze(1).expand_as(noise).reshape(b * n, *x0.shape[1:])
+    tt = torch.full((b * n,), int(t), dtype=torch.long, device=x.device)
+    a, s = denoiser.schedule.alpha_sigma(tt, x)
+    x_t = a * x + s * noise.reshape(b * n, *x0.shape[1:]).to(x.device, x.dtype)
+    rep = {k: v.repeat_interleave(n, 0) for k, v in (cond or {}).items()}
+    with torch.no_grad():
+        x0_hat = denoiser.x0(x_t, tt, **rep)
+        if clip_x0:
+            x0_hat = x0_hat.clamp(-1.0, 1.0)
+        d = distance(x, x0_hat)
+    return d.float().view(b, n).mean(1)
+
+
+class MinorityScoreMapper:
+    """Minority scores of decoded dataset rows (``id``, ``pixels`` uint8 [N, C, H, W],
+    ``label``): the frozen backbone and the distance are built once per actor."""
+
+    def __init__(self, checkpoint: str, settings: dict[str, Any], device: str = "auto",
+                 cache_dir: str = "") -> None:
+        import os
+
+        from debiaslab.sampling import load_trained
+
+        if cache_dir:  # the driver's extractor cache (the feature distance's weights)
+            os.environ.setdefault("DEBIASLAB_CACHE", cache_dir)
+        self.trained = load_trained(checkpoint, use_ema=True, device=device)
+        self.settings = settings
+        self.device = next(self.trained.model.parameters()).device
+        self.distance = build_distance(settings["distance"], settings["distance_options"],
+                                       self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        s = self.settings
+        ids = [str(i) for i in batch["id"]]
+        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
+        x0 = pixels.float().div(127.5).sub(1.0)
+        labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+        conditional = self.trained.num_classes > 0 and self.trained.cfg.model.class_conditional
+        scores = np.empty(len(ids), np.float32)
+        step = int(s["images_per_forward"])
+        for start in range(0, len(ids), step):
+            part = slice(start, start + step)
+            noise = torch.stack([image_noise(s["seed"], i, s["n_iter"], tuple(x0.shape[1:]))
+                                 for i in ids[part]])
+            cond = {"y": labels[part].clamp(min=0).to(self.device)} if conditional else None
+            scores[part] = minority_score(
+                self.trained.denoiser, x0[part].to(self.device), noise.to(self.device),
+                s["t"], self.distance, clip_x0=s["clip_x0"], cond=cond).cpu().numpy()
+        return {"id": np.asarray(ids, dtype=object), "score": scores}
+
+
+def score_settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What the mapper needs (plain values: shipped to Ray actors and written to the table)."""
+    m = cfg.minority
+    t = respaced_timestep(m.perturb_t, m.respacing, cfg.diffusion.num_timesteps)
+    return {"distance": m.distance, "distance_options": dict(m.distance_options),
+            "n_iter": m.n_iter, "t": t, "perturb_t": m.perturb_t, "respacing": m.respacing,
+            "clip_x0": m.clip_x0, "seed": m.seed, "images_per_forward": m.images_per_forward}
+
+
+def score_dataset_local(dataset_path: Path, checkpoint: Path, settings: dict[str, Any], *,
+                        batch_size: int = 64, device: str = "auto", progress: bool = False
+                        ) -> tuple[list[str], np.ndarray]:
+    """The scores of every image in this process (ids in dataset order, float32 [N])."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.progress import progress as progress_bar
+
+    ds = ImageDataset.load(dataset_path)
+    mapper = MinorityScoreMapper(str(checkpoint), settings, device)
+    out = np.empty(len(ds.ids), np.float32)
+    bar = progress_bar(total=len(ds.ids), desc="minority scores", unit="img",
+                       disable=not progress)
+    for start in range(0, len(ds.ids), batch_size):
+        rows = slice(start, start + batch_size)
+        batch = {"id": np.asarray(ds.ids[rows], dtype=object),
+                 "pixels": ds.images[rows].numpy(), "label": ds.labels[rows].numpy()}
+        out[rows] = mapper(batch)["score"]
+        bar.update(len(batch["id"]))
+    bar.close()
+    return list(ds.ids), out
+
+
+# --------------------------------------------------------------------------- the classes
+
+
+def quantile_classes(scores: np.ndarray, num_classes: int) -> np.ndarray:
+    """§1.3: thresholds q_j = quantile(s, (j + 1) / L) (linear interpolation, numpy's default
+    and torch.quantile's), and the class of s is the smallest j with s <= q_j: equal-frequency
+    bins in ascending score order, class L-1 the rarest. int64 [N]."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1 or not len(s):
+        raise DataError(f"minority classes: need a non-empty score vector, got shape {s.shape}")
+    if not np.isfinite(s).all():
+        raise DataError(f"minority classes: {int((~np.isfinite(s)).sum())} scores are not "
+                        f"finite; recompute the score table")
+    if num_classes < 2:
+        raise ConfigError(f"minority.num_classes: L must be >= 2, got {num_classes}")
+    q = np.quantile(s, np.arange(1, num_classes + 1) / num_classes)
+    return np.minimum(np.searchsorted(q, s, side="left"), num_classes - 1).astype(np.int64)
+
+
+def minority_classes(scores: np.ndarray, num_classes: int, groups: np.ndarray | None = None
+                     ) -> np.ndarray:
+    """quantile_classes over all scores, or within each group (the class-conditional variant:
+    scores are quantized inside each dataset class)."""
+    if groups is None:
+        return quantile_classes(scores, num_classes)
+    out = np.empty(len(scores), np.int64)
+    for g in np.unique(groups):
+        rows = np.flatnonzero(groups == g)
+        out[rows] = quantile_classes(np.asarray(scores)[rows], num_classes)
+    return out
+
+
+def plot_scores(scores: np.ndarray, num_classes: int, path: Path, title: str) -> Path:
+    """Histogram of the minority scores with the L-1 inner bin edges (quantile thresholds)."""
+    from matplotlib.figure import Figure
+
+    from debiaslab.report import save_figure
+
+    s = np.asarray(scores, dtype=np.float64)
+    edges = np.quantile(s, np.arange(1, num_classes) / num_classes)
+    fig = Figure(figsize=(7.0, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    ax.hist(s, bins=min(100, max(10, len(s) // 20)), color="#4c72b0")
+    for e in edges:
+        ax.axvline(e, color="#c44e52", lw=0.6, alpha=0.6)
+    ax.set_xlabel("minority score")
+    ax.set_ylabel("images")
+    ax.set_title(f"{title}: {len(s)} images, {num_classes} equal-frequency classes "
+                 f"(red: bin edges)")
+    return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------ cascaded classifier
+
+
+class CascadedClassifier(torch.nn.Module):
+    """§1.4, the official LSUN minority classifier: p(l | x_t, t) = softmax(Head(Enc(x_t, t), t)).
+
+    Enc is a frozen, time-conditioned encoder classifier read from a trained classifier
+    checkpoint (``trunk``: file or run folder), cut after its middle block (features h of
+    ``trunk.encoder.out_channels`` x ``out_size`` x ``out_size``); Head is a trained encoder
+    classifier on h without downsampling (its own timestep embedding, attention pooling, L
+    logits). Gradients reach x_t through the frozen trunk (guidance) but never its weights; the
+    trunk stays in eval mode. The trunk's weights are also saved in this net's checkpoints, so a
+    trained head needs its trunk file only to be rebuilt (the architecture), not for weights.
+    """
+
+    CONFIG_PARAMS = ("num_outputs", "model_channels", "num_res_blocks", "attention_resolutions",
+                     "dropout", "head_channels", "num_classes_cond")
+
+    def __init__(self, num_outputs: int, *, trunk: str = "", model_channels: int = 32,
+                 num_res_blocks: int = 1, attention_resolutions: tuple[int, ...] = (),
+                 dropout: float = 0.0, head_channels: int | None = None,
+                 num_classes_cond: int | None = None, pool: str = "attention",
+                 num_heads: int = 1, use_scale_shift_norm: bool = True) -> None:
+        super().__init__()
+        from debiaslab.nets import EncoderClassifier
+        from debiaslab.training.classifier import load_classifier
+
+        if not trunk:
+            raise ConfigError("classifier.model.options.trunk: the cascaded classifier needs the "
+                              "checkpoint of a trained encoder classifier (its frozen trunk)")
+        net, _ = load_classifier(trunk)
+        if not isinstance(net, EncoderClassifier):
+            raise ConfigError(f"classifier.model.options.trunk: {trunk} holds a "
+                              f"{type(net).__name__}, not an encoder_classifier")
+        self.trunk = net.requires_grad_(False).eval()
+        self.head = EncoderClassifier(
+            net.encoder.out_channels, num_outputs, image_size=net.encoder.out_size,
+            model_channels=model_channels, channel_mult=(1,), num_res_blocks=num_res_blocks,
+            attention_resolutions=attention_resolutions, dropout=dropout, pool=pool,
+            num_heads=num_heads, head_channels=head_channels, num_classes_cond=num_classes_cond,
+            use_scale_shift_norm=use_scale_shift_norm)
+        self.num_outputs = num_outputs
+
+    @classmethod
+    def from_config(cls, model: Any, *, shape: Any, num_classes: int,
+                    num_outputs: int | None = None, aug_dim: int = 0) -> "CascadedClassifier":
+        if num_outputs is None or aug_dim:
+            raise ConfigError("cascaded_classifier: needs num_outputs and takes no augmentation")
+        return cls(num_outputs, model_channels=model.model_channels,
+                   num_res_blocks=model.num_res_blocks,
+                   attention_resolutions=tuple(model.attention_resolutions),
+                   dropout=model.dropout, head_channels=model.head_channels,
+                   num_classes_cond=num_classes if model.class_conditional and num_classes > 1
+                   else None, **model.options)
+
+    def train(self, mode: bool = True) -> "CascadedClassifier":
+        super().train(mode)
+        self.trunk.eval()  # frozen: no dropout, fixed normalisation
+        return self
+
+    def forward(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
+        from debiaslab.nets.layers import as_timesteps
+
+        tt = as_timesteps(t, x_t.shape[0], x_t.device)
+        trunk_y = y if self.trunk.num_classes_cond else None
+        h, _ = self.trunk.encoder(x_t, self.trunk.cond(tt, x_t.shape[0], x_t.device, trunk_y))
+        return self.head(h, tt, y)
+
+
+def _register_net() -> None:
+    from debiaslab.nets import NETS
+
+    if "cascaded_classifier" not in NETS:
+        NETS.register("cascaded_classifier")(CascadedClassifier)
+
+
+_register_net()
+
+
+# ------------------------------------------------------------------------------- the stages
+
+# what defines the scores (not distributed.map_*: the scores do not depend on the job layout)
+SCORE_KEYS = ("minority.distance", "minority.distance_options.", "minority.n_iter",
+              "minority.perturb_t", "minority.respacing", "minority.clip_x0", "minority.seed",
+              "minority.images_per_forward")
+CLASS_KEYS = ("minority.num_classes", "minority.val_ratio", "minority.class_conditional",
+              "classifier.train.seed")
+
+
+def score_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """Minority score of every training image with the frozen score model (§1.2): a Ray Data
+    map job by default (local backend: this process), written as side table <name>.mscore."""
+    from debiaslab.data.side_tables import read_side_table, write_side_table
+    from debiaslab.pipeline import log, on_ray
+    from debiaslab.recipes import StageOutput, make_artifact
+
+    dataset = Path(ctx.inputs["dataset"].path)
+    checkpoint = Path(ctx.inputs["score_model"].path)
+    settings = score_settings(cfg)
+    name = score_table(cfg)
+    producer = {"method": "minority_guidance", "checkpoint": str(checkpoint),
+                "checkpoint_hash": ctx.inputs["score_model"].hash, **settings}
+    log(f"minority scores: {settings['distance']} distance, n_iter {settings['n_iter']}, "
+        f"t = {settings['t']} (step {settings['perturb_t']} of {settings['respacing']})")
+    if on_ray(cfg, "score"):
+        import os
+
+        import pyarrow as pa
+
+        from debiaslab.distributed.data import map_to_side_table
+
+        # built here first: checks the options and fills the weights cache the actors read
+        build_distance(settings["distance"], settings["distance_options"])
+        schema = pa.schema([("id", pa.string()), ("score", pa.float32())])
+        folder = map_to_side_table(
+            dataset, name, MinorityScoreMapper,
+            {"checkpoint": str(checkpoint), "settings": settings,
+             "device": cfg.train.device, "cache_dir": os.environ.get("DEBIASLAB_CACHE", "")},
+            schema, producer=producer, read_columns=["id", "image", "label"], decode=True,
+            concurrency=cfg.distributed.map_concurrency,
+            batch_size=cfg.distributed.map_batch_size,
+            num_cpus=cfg.distributed.map_num_cpus, num_gpus=cfg.distributed.map_num_gpus,
+            progress=ctx.progress)
+    else:
+        ids, scores = score_dataset_local(dataset, checkpoint, settings,
+                                          batch_size=cfg.distributed.map_batch_size,
+                                          device=cfg.train.device, progress=ctx.progress)
+        folder = write_side_table(dataset, name, ids, {"score": scores}, producer=producer)
+    scores = read_side_table(dataset, name, ["score"]).column("score")
+    metrics = {"minority/score_mean": float(np.mean(scores)),
+               "minority/score_std": float(np.std(scores))}
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics(metrics)
+    return StageOutput(artifacts={"scores": make_artifact("side_table", folder)},
+                       metrics=metrics)
+
+
+def classes_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """§1.3: L equal-frequency classes from the score quantiles (within each dataset class for
+    the class-conditional variant), the stratified validation rows the classifier holds out,
+    and a histogram of the scores with the bin edges; side table <name>.mclass."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.data.side_tables import write_side_table
+    from debiaslab.recipes import StageOutput, make_artifact
+    from debiaslab.training.classifier import stratified_split
+
+    m = cfg.minority
+    dataset_path = Path(ctx.inputs["dataset"].path)
+    ds = ImageDataset.load(dataset_path)
+    scores = read_scores(ctx.inputs["scores"].path, ds)
+    groups = ds.labels.numpy() if m.class_conditional else None
+    labels = minority_classes(scores, m.num_classes, groups)
+    _, val_rows = stratified_split(labels, m.val_ratio, cfg.classifier.train.seed)
+    val = np.zeros(len(labels), np.int8)
+    val[val_rows.numpy()] = 1
+    folder = write_side_table(dataset_path, class_table(cfg), ds.ids,
+                              {"class": labels, "val": val},
+                              producer={"method": "minority_guidance",
+                                        "num_classes": m.num_classes,
+                                        "class_conditional": m.class_conditional,
+                                        "scores": ctx.inputs["scores"].hash})
+    plot = plot_scores(scores, m.num_classes, cfg.run_dir / "minority" / "scores.png",
+                       cfg.name)
+    counts = np.bincount(labels, minlength=m.num_classes)
+    metrics = {"minority/class_size_min": float(counts.min()),
+               "minority/class_size_max": float(counts.max()),
+               "minority/val_rows": float(val.sum())}
+    if ctx.tracker is not None:
+        ctx.tracker.log_metrics(metrics)
+        ctx.tracker.log_artifact(plot, "plots")
+    return StageOutput(artifacts={"classes": make_artifact("side_table", folder)},
+                       metrics=metrics)
+
+
+def classifier_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The classifier section of the minority classifier: the class column of <name>.mclass
+    as its label, minority.val_ratio held out (the rows the classes stage marked)."""
+    c = dataclasses.replace(cfg.classifier, label=f"side:{class_table(cfg)}.class",
+                            val_fraction=cfg.minority.val_ratio)
+    return dataclasses.replace(cfg, classifier=c)
+
+
+def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
+    """§1.4: p(l | x_t, t) trained with cross-entropy, t uniform over 0..T-1, on Ray Train."""
+    from debiaslab.pipeline import classifier_stage as train_classifier_stage
+
+    return train_classifier_stage(classifier_config(cfg), ctx)
+
+
+def minority_reference_rows(scores: np.ndarray, top: float) -> np.ndarray:
+    """Row indices of the minority reference: the ceil(top * N) highest scores (ties broken
+    by row order), sorted."""
+    n = max(1, int(np.ceil(top * len(scores))))
+    order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, dtype=np.float64)))
+    return np.sort(order[:n])
+
+
+def read_scores(table_path: str | Path, dataset: Any) -> np.ndarray:
+    """The score column of side table folder ``table_path`` (``<dataset>/side/<name>``)
+    aligned to ``dataset``'s rows (a table that misses images is a one-line DataError)."""
+    from debiaslab.data.side_tables import join, read_side_table
+
+    folder = Path(table_path)
+    return join(dataset.ids, read_side_table(folder.parent.parent, folder.name, ["score"]),
+                "score")
+
+
+def minority_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
+                        inputs: dict[str, str]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Recipe.evaluation (§1.6): cFID of the samples against the minority reference, the real
+    training images in the top ``minority.reference_top`` of minority scores, in the
+    evaluation's feature space (the usual metrics, against all real data, come with every
+    evaluation). Provenance: the reference's image count, id-list hash and score table."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.metrics.fid import fid_from_features
+
+    if "scores" not in inputs:
+        raise DataError(f"{cfg.run_dir}: no minority score table is recorded; run the score "
+                        f"stage first (debiaslab run --stage score)")
+    table = Path(inputs["scores"])
+    ds = ImageDataset.load(table.parent.parent)
+    rows = minority_reference_rows(read_scores(table, ds), cfg.minority.reference_top)
+    ref = extractor.extract(ds.images[torch.from_numpy(rows)].numpy(),
+                            batch_size=cfg.metrics.batch_size).features
+    fake = extractor.extract(samples.images, batch_size=cfg.metrics.batch_size).features
+    ids_hash = hashlib.sha256("\n".join(ds.ids[i] for i in rows).encode()).hexdigest()
+    meta = {"minority_reference": {"dataset": str(table.parent.parent),
+                                   "dataset_hash": ds.content_hash, "score_table": str(table),
+                                   "top": cfg.minority.reference_top,
+                                   "num_images": int(len(rows)), "ids_sha256": ids_hash}}
+    return {"cfid_minority": fid_from_features(fake, ref)}, meta
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """Rules of the recipe: the sample stage is guided by the minority classifier, toward a
+    class 0..L-1 (or -1: balanced over the classes), on noisy images."""
+    L = cfg.minority.num_classes
+    entries = [(i, e) for i, e in enumerate(cfg.sample.guidance) if e.get("type") == "classifier"]
+    if not entries:
+        raise ConfigError(f"recipe minority_guidance: sample.guidance needs a classifier entry, "
+                          f"e.g. [{{type: classifier, scale: 3.5, target: {L - 1}}}]")
+    for i, entry in entries:
+        target = entry.get("target", -1)
+        if not isinstance(target, int) or not -1 <= target < L:
+            raise ConfigError(f"sample.guidance[{i}].target: {target!r} is not a minority class; "
+                              f"use 0..{L - 1} (minority.num_classes = {L}; {L - 1} is the "
+                              f"rarest) or -1")
+    if cfg.classifier.input != "noisy_images":
+        raise ConfigError("recipe minority_guidance: classifier.input must be noisy_images")
+    DISTANCES.get(cfg.minority.distance).check_ready(cfg.minority.distance_options)
+    if cfg.minority.class_conditional and not cfg.model.class_conditional:
+        raise ConfigError("minority.class_conditional: needs a class-conditional backbone "
+                          "(model.class_conditional: true)")
+
+
+def _stages() -> tuple[Any, ...]:
+    from debiaslab.pipeline import CLASSIFIER_KEYS, diffusion_stages
+    from debiaslab.recipes import Stage
+
+    score = Stage("score", score_stage, inputs={"dataset": "dataset", "score_model": "checkpoint"},
+                  outputs={"scores": "side_table"}, keys=SCORE_KEYS, backend="ray",
+                  description="minority score of every training image (Ray Data)")
+    classes = Stage("classes", classes_stage, inputs={"dataset": "dataset",
+                                                      "scores": "side_table"},
+                    outputs={"classes": "side_table"}, keys=CLASS_KEYS,
+                    description="L equal-frequency classes from the score quantiles")
+    classifier = Stage("classifier", classifier_stage,
+                       inputs={"dataset": "dataset", "classes": "side_table"},
+                       outputs={"classifier": "checkpoint"},
+                       keys=CLASSIFIER_KEYS + ("minority.val_ratio",), backend="ray",
+                       run_suffix="classifier",
+                       description="noise-conditional minority classifier (Ray Train)")
+    return diffusion_stages(sample_inputs={"classifier": "checkpoint"},
+                            extra=(score, classes, classifier),
+                            evaluate_inputs={"scores": "side_table"},
+                            evaluate_keys=("minority.reference_top",))
+
+
+def _register() -> None:
+    from debiaslab.recipes import Recipe, register_recipe
+
+    register_recipe(Recipe("minority_guidance", _stages(), check=check_config,
+                           evaluation=minority_evaluation,
+                           description="Um et al. 2024: minority scores, a minority classifier, "
+                                       "and classifier guidance toward the rarest class"))
+
+
+_register()
