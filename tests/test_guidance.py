@@ -230,3 +230,42 @@ def test_guidance_fields_are_overridable_by_type_or_index():
         apply_overrides(raw, ["sample.guidance.5.omega=1"])
     cfg = load_config(None, ["sample.guidance=[{type: cfg, omega: 0.5}]"])
     assert cfg.sample.guidance == ({"type": "cfg", "omega": 0.5},)
+
+
+class TinyConditionalClassifier(TinyClassifier):
+    """p(target | x_t, t, y): TinyClassifier plus a per-class logit offset (class label y)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.c = nn.Parameter(torch.randn(4, 16, NUM_CLASSES, generator=g, dtype=torch.float64))
+        self.seen_y: list[Tensor] = []
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        self.seen_y.append(y)
+        per_class = torch.einsum("bd,bdk->bk", x.double().flatten(1), self.c[y])
+        return super().forward(x, t) + per_class
+
+
+def test_class_conditional_classifier_gets_each_samples_label(parts):
+    """Minority Guidance's class-conditional variant: the guidance classifier is p(l | x_t, t, c)
+    and receives each sample's own class label c (the score model's y)."""
+    _, den, _ = parts
+    clf = TinyConditionalClassifier()
+    ctx = GuidanceContext(sampler="ddim", load_classifier=lambda path, device: (
+        clf, {"num_outputs": NUM_CLASSES, "num_cond_classes": 4}))
+    guided = build_guidance(den, [classifier_entry(scale=2.0, target=1)], ctx)
+    x = torch.randn(4, *SHAPE, dtype=torch.float64)
+    t = torch.full((4,), 400)
+    y = torch.tensor([0, 3, 2, 1])
+    cond = {**guided.sample_cond(SEEDS), "y": y}
+    got = guided(x, t, **cond)
+    assert torch.equal(clf.seen_y[-1], y)
+    xg = x.clone().requires_grad_(True)
+    log_p = torch.log_softmax(clf(xg, t.double(), y), -1)[:, 1].sum()
+    (grad,) = torch.autograd.grad(log_p, xg)
+    _, s = den.schedule.alpha_sigma(t, x)
+    torch.testing.assert_close(got, den(x, t) - 2.0 * s * grad, atol=FLOAT64_ATOL, rtol=0)
+    with pytest.raises(ConfigError) as exc:
+        guided(x, t, **guided.sample_cond(SEEDS))  # no class labels
+    assert "needs the samples' class labels" in str(exc.value)

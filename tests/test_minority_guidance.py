@@ -259,6 +259,7 @@ def test_tiny_defaults_are_valid_for_the_recipe():
 
 RUN = TINY + MG + ["train.steps=6", "train.warmup_steps=2", "train.log_every=3",
                    "train.checkpoint_every=6", "minority.n_iter=2", "minority.val_ratio=0.1",
+                   "minority.images_per_forward=32",  # faster; batching-independence: Ray test
                    "classifier.train.steps=4", "classifier.train.batch_size=16",
                    "classifier.train.log_every=2", "classifier.train.checkpoint_every=4",
                    "classifier.model.model_channels=16", "classifier.model.channel_mult=[1,2]",
@@ -380,7 +381,7 @@ def test_ray_score_job_is_byte_identical_at_any_concurrency_and_equals_local(rec
                   DatasetMeta("small", "digits", full.class_names, []), ids=full.ids[:96],
                   rows_per_shard=32)
     checkpoint = load_trained(cfg.run_dir).checkpoint
-    settings = score_settings(cfg)
+    settings = {**score_settings(cfg), "images_per_forward": 1}  # the default
     schema = pa.schema([("id", pa.string()), ("score", pa.float32())])
     kwargs = {"checkpoint": str(checkpoint), "settings": settings, "device": "cpu"}
     with local_ray(sys.modules[__name__], ray_tmp="/tmp/dl-mg-test"):

@@ -323,11 +323,17 @@ BUILD_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", NETS.names())
+def test_every_network_of_the_nets_package_has_a_build_case() -> None:
+    """Networks a method module registers (e.g. the cascaded minority classifier, which needs a
+    trained trunk) are tested with their method."""
+    core = {n for n in NETS.names() if NETS.get(n).__module__.startswith("debiaslab.nets")}
+    assert core == set(BUILD_CASES), "add the new network to BUILD_CASES"
+
+
+@pytest.mark.parametrize("name", sorted(BUILD_CASES))
 def test_build_net_builds_every_registered_net_from_a_model_config(name: str) -> None:
     from debiaslab.nets import build_net
 
-    assert set(BUILD_CASES) == set(NETS.names()), "add the new network to BUILD_CASES"
     shape, out_shape = BUILD_CASES[name]
     net = build_net(_model(name), shape=shape, num_classes=10, num_outputs=5)
     assert isinstance(net, NETS.get(name))

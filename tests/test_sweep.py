@@ -163,7 +163,7 @@ def test_sampling_sweep_multi_objective_with_asha(base, ray_env_tmp):
 
 def test_training_sweep_trains_each_trial_with_ray_train(base, ray_env_tmp):
     root, experiment, cfg = base
-    path = write_sweep(root, experiment, "tau", kind="training", num_trials=2,
+    path = write_sweep(root, experiment, "tau", kind="training", num_trials=1,
                        cpus_per_trial=0.5,
                        params={"cbdm.tau": {"type": "log", "low": 0.1, "high": 10.0}})
     init_ray(num_cpus=2, object_store_memory_gb=1.0)
@@ -172,7 +172,8 @@ def test_training_sweep_trains_each_trial_with_ray_train(base, ray_env_tmp):
     finally:
         shutdown_ray()
     runs = children(cfg, "tau")
-    assert len(runs) == 2 and all(r.status == "FINISHED" for r in runs)
+    # one trial (each costs a Ray Train start, ~20 s here); the search itself is tested above
+    assert len(runs) == 1 and all(r.status == "FINISHED" for r in runs)
     for run in runs:  # rank 0 of the trial's Ray Train run logged into the child run
         assert "train/loss" in run.metrics and "eval/fid" in run.metrics
         ckpt = Path(cfg.output_dir) / "ray_results" / run.name

@@ -7,6 +7,7 @@ minority classifier):
       --set output_dir=OUT
   .venv/bin/python tests/benchmarks/mg_results.py --output-dir OUT --seeds 0 1 2 \\
       [--targets 0 5 9 --scales 1 3 --num-samples 300]
+(without --seeds: the config's own run).
 
 For every seed it samples the same seeds unguided (w = 0) and guided toward each target at each
 scale, with the experiment's sampler, and evaluates them: AvgkNN, LOF and Rarity against all
@@ -25,8 +26,10 @@ from pathlib import Path
 import torch
 
 from debiaslab.compare import Summary
+from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.pipeline import build_metric_extractor, evaluate_samples, sample, seed_configs
+from debiaslab.recipes import recorded_outputs
 from debiaslab.report import save_image_grid
 from debiaslab.sampling import classifier_checkpoint
 
@@ -45,7 +48,9 @@ def guided(cfg, target: int, scale: float):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--output-dir", required=True)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    # training seeds of the backbone (runs <name>-s<seed>, as `debiaslab run --seeds`); none:
+    # the config's own run
+    ap.add_argument("--seeds", type=int, nargs="*", default=[])
     ap.add_argument("--targets", type=int, nargs="+", default=None)
     ap.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0])
     ap.add_argument("--num-samples", type=int, default=300)
@@ -53,7 +58,8 @@ def main() -> None:
     args = ap.parse_args()
     overrides = [f"output_dir={args.output_dir}", "tracking.enabled=false",
                  f"sample.num_samples={args.num_samples}", *args.overrides]
-    configs = seed_configs(str(CONFIG), overrides, args.seeds)
+    configs = (seed_configs(str(CONFIG), overrides, args.seeds) if args.seeds
+               else [load_config(CONFIG, overrides)])
     L = configs[0].minority.num_classes
     targets = args.targets if args.targets is not None else [0, L // 2, L - 1]
     cells = [("unguided", 0, 0.0)] + [(f"l={t}, w={w:g}", t, w) for t in targets
@@ -64,11 +70,12 @@ def main() -> None:
     for cfg in configs:
         extractor = build_metric_extractor(cfg)
         classifier = classifier_checkpoint(cfg, "")
+        backbone = recorded_outputs(cfg)["score_model"]  # the train stage's (or a reused) model
         out = Path(args.output_dir) / "mg_results" / cfg.name
         for name, target, scale in cells:
             scfg = guided(cfg, target, scale)
             tag = "unguided" if scale == 0 else f"l{target}-w{scale:g}"
-            res = sample(scfg, cfg.run_dir, out_dir=out / tag, progress=False,
+            res = sample(scfg, backbone, out_dir=out / tag, progress=False,
                          classifier=classifier)
             path = res.artifacts[f"samples_{sampler}"]
             ev = evaluate_samples(scfg, path, extractor=extractor, name=tag,
