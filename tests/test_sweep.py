@@ -24,8 +24,8 @@ from debiaslab.tracking import find_runs, resolve_tracking_uri
 from debiaslab.training.loop import Trainer
 
 RAY_TMP = "/tmp/dl-sweep-test"
-KILL_AFTER_FINISHED = 2
-RESUME_TRIALS = 3  # killed after 2 finished: at least one trial is left for the restored run
+KILL_AFTER_FINISHED = 1
+RESUME_TRIALS = 2  # killed after 1 finished: one trial is left for the restored run
 KILL_TIMEOUT_S = 600
 EXPERIMENT = {
     "name": "tiny", "model": {"model_channels": 16, "channel_mult": [1, 2],

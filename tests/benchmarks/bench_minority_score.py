@@ -17,14 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
-from debiaslab.data.schema import decode_png, read_manifest
+from debiaslab.data.schema import read_manifest
 from debiaslab.distributed import data as dd
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
 from debiaslab.methods.minority_guidance import MinorityScoreMapper, score_settings
@@ -44,24 +42,9 @@ def build_tiled(folder: Path, tiles: int) -> Path:
 
 
 def plain_loop(dataset_dir: Path, out: Path, mapper: MinorityScoreMapper, batch: int) -> int:
-    manifest = read_manifest(dataset_dir)
-    channels = manifest.image_shape[0]
-    out.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    for index, shard in enumerate(manifest.shard_paths()):
-        table = pq.read_table(shard, columns=["id", "image", "label"])
-        ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-        labels = table.column("label").to_numpy()
-        blobs = table.column("image").to_pylist()
-        parts = []
-        for start in range(0, len(blobs), batch):
-            pixels = np.stack([decode_png(b, channels) for b in blobs[start:start + batch]])
-            cols = mapper({"id": ids[start:start + batch], "pixels": pixels,
-                           "label": labels[start:start + batch]})
-            parts.append(dd.to_arrow(cols, SCHEMA))
-        pq.write_table(pa.concat_tables(parts), out / dd.PART_TEMPLATE.format(index))
-        rows += table.num_rows
-    return rows
+    from bench_ray_data import plain_map  # read -> decode -> map -> write, one process
+
+    return plain_map(dataset_dir, out, batch, mapper, SCHEMA, ("id", "image", "label"))
 
 
 def main() -> None:

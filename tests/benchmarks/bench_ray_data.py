@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,27 +47,40 @@ def build_tiled(folder: Path, tiles: int) -> Path:
     return folder
 
 
-def plain_loop(dataset_dir: Path, out_dir: Path, batch_size: int) -> int:
-    """Read shards, decode, extract and write Parquet in one process; returns rows written."""
-    extractor = build_extractor(EXTRACTOR)
+def plain_map(dataset_dir: Path, out_dir: Path, batch_size: int, mapper: Any,
+              schema: pa.Schema, columns: tuple[str, ...] = ("id", "image")) -> int:
+    """Read shards, decode, map and write Parquet in one process, as a Ray map job does with
+    decoded batches (``id``, ``pixels`` and the other ``columns``); returns rows written."""
     manifest = read_manifest(dataset_dir)
     channels = manifest.image_shape[0]
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = 0
     for index, shard in enumerate(manifest.shard_paths()):
-        table = pq.read_table(shard, columns=["id", "image"])
+        table = pq.read_table(shard, columns=list(columns))
         ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+        extra = {c: table.column(c).to_numpy() for c in columns if c not in ("id", "image")}
         blobs = table.column("image").to_pylist()
         parts = []
         for start in range(0, len(blobs), batch_size):
-            images = np.stack([decode_png(b, channels) for b in blobs[start:start + batch_size]])
-            out = extractor.extract(images, batch_size=batch_size)
-            parts.append(dd.to_arrow({"id": ids[start:start + batch_size],
-                                      "features": out.features, "class_pred": out.classes,
-                                      "attr_pred": out.attributes}, dd.FEATURES_SCHEMA))
+            rows_ = slice(start, start + batch_size)
+            pixels = np.stack([decode_png(b, channels) for b in blobs[rows_]])
+            batch = {"id": ids[rows_], "pixels": pixels, **{c: v[rows_] for c, v in extra.items()}}
+            parts.append(dd.to_arrow(mapper(batch), schema))
         pq.write_table(pa.concat_tables(parts), out_dir / dd.PART_TEMPLATE.format(index))
         rows += table.num_rows
     return rows
+
+
+def plain_loop(dataset_dir: Path, out_dir: Path, batch_size: int) -> int:
+    """The feature job's work in one process (the digits extractor on every image)."""
+    extractor = build_extractor(EXTRACTOR)
+
+    def features(batch: dict[str, Any]) -> dict[str, Any]:
+        out = extractor.extract(batch["pixels"], batch_size=batch_size)
+        return {"id": batch["id"], "features": out.features, "class_pred": out.classes,
+                "attr_pred": out.attributes}
+
+    return plain_map(dataset_dir, out_dir, batch_size, features, dd.FEATURES_SCHEMA)
 
 
 def main() -> None:
