@@ -409,12 +409,13 @@ def plot_scores(scores: np.ndarray, num_classes: int, path: Path, title: str) ->
     fig = Figure(figsize=(7.0, 3.5), layout="constrained")
     ax = fig.add_subplot()
     ax.hist(s, bins=min(100, max(10, len(s) // 20)), color="#4c72b0")
-    for e in edges:
-        ax.axvline(e, color="#c44e52", lw=0.6, alpha=0.6)
-    ax.set_xlabel("minority score")
+    for i, e in enumerate(edges):
+        ax.axvline(e, color="#c44e52", lw=0.6, alpha=0.6, label="class edges" if i == 0 else None)
+    ax.set_xlabel("minority score (class L-1 = highest = rarest)")
     ax.set_ylabel("images")
-    ax.set_title(f"{title}: {len(s)} images, {num_classes} equal-frequency classes "
-                 f"(red: bin edges)")
+    if len(edges):
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{title}: {len(s)} images, L = {num_classes}", fontsize=10)
     return save_figure(fig, path)
 
 
