@@ -90,14 +90,11 @@ def classifier_checkpoint(cfg: ExperimentConfig | None, checkpoint: str,
         return Path(default).resolve()
     if cfg is None:
         raise ConfigError("sample.guidance classifier: give checkpoint: <file or run folder>")
-    import json
+    from debiaslab.recipes import recorded_outputs
 
-    record = cfg.run_dir / "stages" / "classifier.json"
-    if record.is_file():
-        try:
-            return Path(json.loads(record.read_text())["outputs"]["classifier"]["path"])
-        except (ValueError, KeyError, TypeError):
-            pass  # an unreadable record: fall back to the run folder
+    recorded = recorded_outputs(cfg).get("classifier")  # unreadable records are skipped
+    if recorded:
+        return Path(recorded)
     return cfg.run_dir.with_name(f"{cfg.name}.classifier")
 
 
