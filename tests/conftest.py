@@ -18,6 +18,10 @@ from typing import Iterator
 # `from conftest import X` in test modules: under --import-mode=importlib pytest registers this
 # file as `tests.conftest` only, so alias it (the same module object, not a second import).
 sys.modules.setdefault("conftest", sys.modules[__name__])
+# helper modules beside this file (netwatch.py) import as top-level modules; appended, so they
+# never shadow an installed package
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

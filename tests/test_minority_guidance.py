@@ -207,6 +207,8 @@ def test_bad_minority_config_is_one_line(override, needle):
      "sample.guidance[0].target: 4 is not a minority class; use 0..3"),
     (["sample.guidance=[]"], "sample.guidance needs a classifier entry"),
     (["minority.distance=lpips"], "lpips needs the local torchvision VGG16 weights"),
+    (["minority.class_conditional=true", "classifier.model.class_conditional=false"],
+     "set classifier.model.class_conditional: true"),
 ])
 def test_recipe_rules_are_one_line(override, needle):
     cfg = load_config(None, MG + override)
@@ -327,6 +329,39 @@ def test_recipe_runs_every_stage_and_records_both_references(recipe_run, capsys)
     capsys.readouterr()
     run_experiment(cfg, progress=False)
     assert capsys.readouterr().out.count("up to date") == 7
+
+
+def test_class_conditional_variant_end_to_end(recipe_run):
+    """§1.3-1.5, the class-conditional variant: classes are quantiles of the scores within each
+    digit class, the minority classifier p(l | x_t, c) is class-conditional, and guided sampling
+    with per-sample labels runs (the classifier getting each sample's label is the exact-gradient
+    test in test_guidance)."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.data.side_tables import join, read_side_table
+    from debiaslab.metrics.evaluate import load_samples
+    from debiaslab.pipeline import run_experiment
+    from debiaslab.sampling import classifier_checkpoint
+    from debiaslab.training.classifier import load_classifier
+
+    cfg0, _ = recipe_run
+    cfg = load_config(None, RUN + [f"output_dir={cfg0.output_dir}", "name=mgcc",
+                                   "minority.class_conditional=true",
+                                   "classifier.model.class_conditional=true",
+                                   "sample.labels=uniform"])
+    run_experiment(cfg, progress=False, stages=("data", "train", "score", "classes",
+                                                "classifier", "sample"))
+    ds = ImageDataset.load(cfg.dataset_path)
+    scores = join(ds.ids, read_side_table(cfg.dataset_path, "mgcc.mscore"), "score")
+    labels = join(ds.ids, read_side_table(cfg.dataset_path, "mgcc.mclass"), "class")
+    digits = ds.labels.numpy()
+    for c in np.unique(digits):
+        rows = digits == c
+        np.testing.assert_array_equal(labels[rows], quantile_classes(scores[rows], 4))
+    assert not np.array_equal(labels, quantile_classes(scores, 4))  # not the global quantiles
+    _, info = load_classifier(classifier_checkpoint(cfg, ""))
+    assert info["num_cond_classes"] == 10 and info["num_outputs"] == 4
+    samples = load_samples(cfg.run_dir / "samples" / "ddim")
+    assert len(samples.images) == 20 and len(set(samples.labels.tolist())) > 1
 
 
 def test_score_table_that_misses_images_is_one_line(recipe_run, tmp_path):

@@ -5,11 +5,13 @@ Loopback only; the head and the server are stopped by the PIDs this test started
 address file is left behind that would make a later ray.init() hang.
 """
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,22 +29,27 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": 
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
+def services(tmp_path):
+    """(Ray dashboard URL, MLflow URI): the Ray head and the MLflow server start side by side
+    (each spends most of its ~10-20 s start waiting on imports and its HTTP endpoint); both are
+    stopped by the PIDs they started, also when the other one failed to come up."""
     root = tmp_path / "mlflow-server"
     root.mkdir()
-    with mlflow_server_process(root, timeout=180, env=RAY_ENV) as uri:
-        yield uri
+    head = ray_head_process(Path("/tmp") / f"rjt{os.getpid()}", RAY_ENV)
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(1) as pool:
+        started = pool.submit(head.__enter__)
+        try:
+            uri = stack.enter_context(mlflow_server_process(root, timeout=180, env=RAY_ENV))
+        finally:
+            url = started.result()  # the head's own failure, if any, surfaces here
+            stack.push(head)
+        yield url, uri
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    with ray_head_process(Path("/tmp") / f"rjt{os.getpid()}", RAY_ENV) as url:
-        yield url
-
-
-def test_ray_job_submit_pipeline_logs_to_mlflow_server(ray_head, mlflow_server, tmp_path):
+def test_ray_job_submit_pipeline_logs_to_mlflow_server(services, tmp_path):
     from mlflow import MlflowClient
 
+    ray_head, mlflow_server = services
     out = tmp_path / "outputs"
     runtime_env = {
         "working_dir": str(ROOT),

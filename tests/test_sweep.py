@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from netwatch import HAS_PROC, RAY_FIRST, ListenWatcher, check_loopback_only, scrubbed_env
 
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
@@ -56,9 +57,13 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_env_tmp():
+    """One local Ray in this process for the module's in-process sweeps (each sweep reuses a
+    running Ray), under its own temp dir; shut down at the end."""
     old = os.environ.get("DEBIASLAB_RAY_TMP")
     os.environ["DEBIASLAB_RAY_TMP"] = RAY_TMP
+    init_ray(num_cpus=2, object_store_memory_gb=1.0)
     yield
+    shutdown_ray()
     if old is None:
         os.environ.pop("DEBIASLAB_RAY_TMP", None)
     else:
@@ -139,11 +144,7 @@ def test_sampling_sweep_multi_objective_with_asha(base, ray_env_tmp):
     root, experiment, cfg = base
     path = write_sweep(root, experiment, "omega", rungs=2, scheduler={"type": "asha"},
                        second_objective={"metric": "eval/tail_recall", "mode": "max"})
-    init_ray(num_cpus=2, object_store_memory_gb=1.0)
-    try:
-        result = run_sweep(path, progress=False)
-    finally:
-        shutdown_ray()
+    result = run_sweep(path, progress=False)
     runs = children(cfg, "omega")
     assert len(runs) == 4 and all(r.status == "FINISHED" for r in runs)
     assert len({r.tags["debiaslab.trial_id"] for r in runs}) == 4
@@ -166,11 +167,7 @@ def test_training_sweep_trains_each_trial_with_ray_train(base, ray_env_tmp):
     path = write_sweep(root, experiment, "tau", kind="training", num_trials=1,
                        cpus_per_trial=0.5,
                        params={"cbdm.tau": {"type": "log", "low": 0.1, "high": 10.0}})
-    init_ray(num_cpus=2, object_store_memory_gb=1.0)
-    try:
-        result = run_sweep(path, progress=False)
-    finally:
-        shutdown_ray()
+    result = run_sweep(path, progress=False)
     runs = children(cfg, "tau")
     # one trial (each costs a Ray Train start, ~20 s here); the search itself is tested above
     assert len(runs) == 1 and all(r.status == "FINISHED" for r in runs)
@@ -184,36 +181,39 @@ def test_training_sweep_trains_each_trial_with_ray_train(base, ray_env_tmp):
 
 
 def test_killed_driver_resumes_without_rerunning_or_duplicating(base, tmp_path, ray_env_tmp):
+    """The driver is `debiaslab sweep` started by a script that imported ``ray`` first, without
+    this process's Ray settings; until it is killed its process tree listens on loopback only
+    (the sweep command's network check, tests/netwatch.py)."""
     root, experiment, cfg = base
     path = write_sweep(root, experiment, "resume", num_trials=RESUME_TRIALS,
                        max_concurrent_trials=1)
-    env = dict(os.environ, DEBIASLAB_RAY_TMP=RAY_TMP + "-driver")
-    driver = subprocess.Popen([sys.executable, "-m", "debiaslab.cli", "sweep", "-c", str(path)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    driver_tmp = RAY_TMP + "-driver"
+    driver = subprocess.Popen([sys.executable, "-c", RAY_FIRST, "sweep", "-c", str(path)],
+                              env=scrubbed_env(DEBIASLAB_RAY_TMP=driver_tmp),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     deadline = time.time() + KILL_TIMEOUT_S
     state_dir = Path(cfg.output_dir) / "ray_results" / "resume"
     try:
-        while time.time() < deadline:
-            if len(terminated(state_dir)) >= KILL_AFTER_FINISHED or driver.poll() is not None:
-                break
-            time.sleep(0.5)
+        with ListenWatcher(driver.pid, driver_tmp) as watcher:
+            while time.time() < deadline:
+                if len(terminated(state_dir)) >= KILL_AFTER_FINISHED or driver.poll() is not None:
+                    break
+                time.sleep(0.5)
         assert driver.poll() is None, "the sweep ended before it could be killed"
         os.kill(driver.pid, signal.SIGKILL)  # the driver process only, mid-sweep
         driver.wait()
+        if HAS_PROC:
+            check_loopback_only(watcher, "sweep")
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         # the killed driver's local Ray (its own temp dir) goes too: no state for later tests
-        subprocess.run(["pkill", "-9", "-f", RAY_TMP + "-driver"], check=False)
+        subprocess.run(["pkill", "-9", "-f", driver_tmp], check=False)
         time.sleep(2.0)
     finished_before = terminated(state_dir)  # what Tune had recorded as finished
     assert len(finished_before) >= KILL_AFTER_FINISHED
-    init_ray(num_cpus=2, object_store_memory_gb=1.0)
-    try:
-        result = run_sweep(path, progress=False)
-    finally:
-        shutdown_ray()
+    result = run_sweep(path, progress=False)
     assert result.restored
     runs = children(cfg, "resume")
     ids = [r.tags["debiaslab.trial_id"] for r in runs]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from pathlib import Path
 
 import torch
@@ -37,6 +38,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/experiments/digits_minority_guidance.yaml"
 METRICS = ("avg_knn", "lof", "rarity", "cfid_minority", "fid")
 GRID_SEEDS = 16
+
+
+def cell(s: Summary) -> str:
+    """mean ± 95% t half-width, both to the same decimals (fewer for larger values)."""
+    decimals = 0 if abs(s.mean) >= 100 else 2 if abs(s.mean) >= 10 else 3
+    if s.n < 2 or not math.isfinite(s.half_width):
+        return f"{s.mean:.{decimals}f}"
+    return f"{s.mean:.{decimals}f} ± {s.half_width:.{decimals}f}"
 
 
 def guided(cfg, target: int, scale: float):
@@ -99,7 +108,7 @@ def main() -> None:
     print("| cell | " + " | ".join(METRICS) + " |")
     print("|---|" + "---|" * len(METRICS))
     for name, *_ in cells:
-        print(f"| {name} | " + " | ".join(Summary.of(values[name][m]).format()
+        print(f"| {name} | " + " | ".join(cell(Summary.of(values[name][m]))
                                           for m in METRICS) + " |")
 
 

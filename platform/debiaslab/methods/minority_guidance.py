@@ -672,6 +672,9 @@ def check_config(cfg: ExperimentConfig) -> None:
     if cfg.minority.class_conditional and not cfg.model.class_conditional:
         raise ConfigError("minority.class_conditional: needs a class-conditional backbone "
                           "(model.class_conditional: true)")
+    if cfg.minority.class_conditional and not cfg.classifier.model.class_conditional:
+        raise ConfigError("minority.class_conditional: the minority classifier is p(l | x_t, c); "
+                          "set classifier.model.class_conditional: true")
 
 
 def _stages() -> tuple[Any, ...]:
