@@ -140,6 +140,31 @@ def test_bad_sweeps_fail_in_one_line_before_any_trial(base, tmp_path, change, me
     assert not (tmp_path / "out").exists()
 
 
+def test_sampling_trials_load_the_model_the_train_stage_recorded(base, tmp_path):
+    """A recipe whose train stage was found up to date may record a model in another run's
+    folder: the sweep's trials load that one, not the base run folder's (which has none)."""
+    import json
+
+    from debiaslab.distributed.sweep import _sampling_checkpoint
+    from debiaslab.recipes import RECORD_DIR, RECORD_VERSION, recorded_outputs
+    from debiaslab.training.checkpoint import resolve_checkpoint
+
+    root, experiment, cfg = base
+    moved = tmp_path / "moved-experiment.yaml"
+    moved.write_text(yaml.safe_dump({**yaml.safe_load(experiment.read_text()), "name": "moved"}))
+    path = write_sweep(tmp_path, moved, "moved")
+    sweep = load_sweep(path)
+    with pytest.raises(ConfigError, match="no trained checkpoint at"):
+        _sampling_checkpoint(sweep, recorded_outputs(sweep.base))  # no record, no checkpoint
+    ckpt = resolve_checkpoint(cfg.run_dir)
+    record = sweep.base.run_dir / RECORD_DIR / "train.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"version": RECORD_VERSION, "stage": "train", "key": "k",
+                                  "outputs": {"score_model": {"kind": "checkpoint",
+                                                              "path": str(ckpt), "hash": "h"}}}))
+    assert _sampling_checkpoint(sweep, recorded_outputs(sweep.base)) == str(ckpt)
+
+
 def test_sampling_sweep_multi_objective_with_asha(base, ray_env_tmp):
     root, experiment, cfg = base
     path = write_sweep(root, experiment, "omega", rungs=2, scheduler={"type": "asha"},

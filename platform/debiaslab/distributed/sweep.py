@@ -247,11 +247,14 @@ def _write_state(sweep_dir: Path, state: dict[str, Any]) -> None:
     write_text_atomic(sweep_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
 
 
-def _sampling_checkpoint(sweep: SweepConfig) -> str:
+def _sampling_checkpoint(sweep: SweepConfig, recorded: dict[str, str]) -> str:
+    """The score model every sampling trial loads: ``checkpoint`` if the sweep names one, else
+    the base run's train-stage record (``recorded``: its recorded outputs; a stage found up to
+    date may point into another run's folder), else the base run folder's latest checkpoint."""
     from debiaslab.training.checkpoint import resolve_checkpoint
 
     assert sweep.base is not None
-    target = sweep.checkpoint or str(sweep.base.run_dir)
+    target = sweep.checkpoint or recorded.get("score_model") or str(sweep.base.run_dir)
     try:
         return str(resolve_checkpoint(target))
     except DebiaslabError:
@@ -272,7 +275,8 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
         ops = dataclasses.replace(ops, inputs=dict(ops.recorded_outputs(sweep.base)))
     reported = reported_metrics(sweep, ops)
     check_objectives(sweep, reported)
-    checkpoint = _sampling_checkpoint(sweep) if sweep.kind == "sampling" else ""
+    checkpoint = (_sampling_checkpoint(sweep, dict(ops.inputs or {}))
+                  if sweep.kind == "sampling" else "")
     base = sweep.base
     assert base is not None
     classifier = ""  # guidance entries with checkpoint "" use the BASE experiment's classifier
