@@ -76,7 +76,7 @@ def is_loopback(addr: str) -> bool:
     return (mapped or ip).is_loopback
 
 
-def _procs() -> dict[int, tuple[int, str]]:
+def all_processes() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line) of every process."""
     procs = {}
     for entry in os.scandir("/proc"):
@@ -95,7 +95,7 @@ def _procs() -> dict[int, tuple[int, str]]:
 
 def tree(root: int, marker: str) -> dict[int, str]:
     """root, its descendants, and processes whose command line mentions ``marker``."""
-    procs = _procs()
+    procs = all_processes()
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in procs.items():
         children.setdefault(ppid, []).append(pid)

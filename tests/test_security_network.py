@@ -24,7 +24,7 @@ import yaml
 from netwatch import (
     HAS_PROC,
     ListenWatcher,
-    _procs,
+    all_processes,
     check_loopback_only,
     is_loopback,
     scrubbed_env,
@@ -84,7 +84,7 @@ def run_watched(args: list[str], ray_tmp: str) -> ListenWatcher:
             os.killpg(proc.pid, 9)
             proc.wait()
         # leftovers of this command's Ray only (their command lines name its temp dir), by pid
-        for pid, cmd in _procs().items():
+        for pid, cmd in all_processes().items():
             if ray_tmp in cmd[1] and pid != os.getpid():
                 try:
                     os.kill(pid, 9)
