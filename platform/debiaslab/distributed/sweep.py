@@ -275,8 +275,7 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
         ops = dataclasses.replace(ops, inputs=dict(ops.recorded_outputs(sweep.base)))
     reported = reported_metrics(sweep, ops)
     check_objectives(sweep, reported)
-    checkpoint = (_sampling_checkpoint(sweep, dict(ops.inputs or {}))
-                  if sweep.kind == "sampling" else "")
+    checkpoint = _sampling_checkpoint(sweep, ops.inputs) if sweep.kind == "sampling" else ""
     base = sweep.base
     assert base is not None
     classifier = ""  # guidance entries with checkpoint "" use the BASE experiment's classifier
