@@ -29,6 +29,10 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # tests use their own stores
 
 import pytest  # noqa: E402
 
+from debiaslab import plugins  # noqa: E402
+
+plugins.load()  # as every entry point does: the methods register their components
+
 BIN = Path(sys.executable).parent  # the venv's console scripts (mlflow, ray)
 
 # The core of every tiny-model config override list; test modules extend it with their own

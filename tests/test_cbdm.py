@@ -12,13 +12,13 @@ import torch
 from conftest import TINY as TINY_CORE
 from torch import nn
 
+from debiaslab.checkpoints import load_checkpoint
 from debiaslab.config import load_config
 from debiaslab.diffusion.guidance import ClassifierFreeGuidance
 from debiaslab.diffusion.losses import DenoisingLoss, build_loss
 from debiaslab.errors import CheckpointError, ConfigError
 from debiaslab.methods.cbdm import CBDMLoss, cbdm_regularizer
 from debiaslab.sampling import load_trained
-from debiaslab.training.checkpoint import load_checkpoint
 from debiaslab.training.loop import Trainer
 
 T = 1000

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from debiaslab.checkpoints import latest_checkpoint, load_checkpoint
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.diffusion.schedules import build_schedule
 from debiaslab.errors import CheckpointError, ConfigError
-from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
 from debiaslab.training.classifier import (
     ClassifierTask,
     classifier_experiment,

@@ -184,6 +184,6 @@ def test_sigterm_during_training_ends_run_killed(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run, children = recipe_runs(client, "sigterm")
     assert run.info.status == "KILLED" and children["train"].info.status == "KILLED"
-    from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
+    from debiaslab.checkpoints import latest_checkpoint, load_checkpoint
 
     assert load_checkpoint(latest_checkpoint(ckpts))["step"] % 3 == 0

@@ -20,9 +20,9 @@ import torch
 from conftest import TINY as TINY_CORE
 from conftest import local_ray, mlflow_server_process
 
+from debiaslab.checkpoints import list_checkpoints, load_checkpoint
 from debiaslab.config import ExperimentConfig, load_config
 from debiaslab.pipeline import build_data, load_training_data
-from debiaslab.training.checkpoint import list_checkpoints, load_checkpoint
 from debiaslab.training.loop import Trainer
 
 STEPS, CKPT_EVERY, LOG_EVERY, KILL_AT = 20, 10, 5, 15
@@ -156,6 +156,25 @@ def test_reference_run_reports_every_checkpoint(reference):
     assert kept == [f"checkpoint_{STEPS - CKPT_EVERY:08d}", f"checkpoint_{STEPS:08d}"]  # keep 2
     assert reference["starts"] == [(0, 0), (1, 0)]
     assert {"train/loss", "train/lr", "train/steps_per_sec"} <= set(result.metrics)
+
+
+def _plugins_in_worker() -> tuple[bool, bool, bool]:
+    import sys
+
+    from debiaslab.diffusion.losses import LOSSES
+    from debiaslab.registry import plugins_loaded
+
+    return plugins_loaded(), "debiaslab.methods" in sys.modules, "cbdm" in LOSSES
+
+
+def test_ray_workers_load_the_method_plugins_by_the_setup_hook(reference):
+    """The CBDM reference run above trained on Ray Train although no worker-side module imports
+    debiaslab.methods (test_layers): Ray's worker_process_setup_hook ran plugins.load() in every
+    worker first. A plain task of the same cluster shows it."""
+    import ray
+
+    assert reference["result"].step == STEPS
+    assert ray.get(ray.remote(_plugins_in_worker).remote()) == (True, True, True)
 
 
 def test_ddp_matches_single_process_on_the_global_batch(reference, out_dir):

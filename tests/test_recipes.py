@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import TINY as TINY_CORE
 
+from debiaslab.checkpoints import load_checkpoint
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.diffusion.guidance import ClassifierFreeGuidance
@@ -27,7 +28,6 @@ from debiaslab.recipes import (
     resolve_backend,
 )
 from debiaslab.sampling import load_trained, sample_labels
-from debiaslab.training.checkpoint import load_checkpoint
 from debiaslab.training.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

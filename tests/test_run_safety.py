@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from conftest import TINY as TINY_CORE
 
+from debiaslab.checkpoints import latest_checkpoint, load_checkpoint
 from debiaslab.cli import main
 from debiaslab.config import load_config
 from debiaslab.errors import CheckpointError, DataError, RunLocked
 from debiaslab.pipeline import build_data, check_resumable, train
 from debiaslab.runlock import run_lock
-from debiaslab.training.checkpoint import latest_checkpoint, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_CORE + ["train.log_every=2", "train.checkpoint_every=2", "tracking.enabled=false"]

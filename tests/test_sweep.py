@@ -145,9 +145,9 @@ def test_sampling_trials_load_the_model_the_train_stage_recorded(base, tmp_path)
     folder: the sweep's trials load that one, not the base run folder's (which has none)."""
     import json
 
+    from debiaslab.checkpoints import resolve_checkpoint
     from debiaslab.distributed.sweep import _sampling_checkpoint
     from debiaslab.recipes import RECORD_DIR, RECORD_VERSION, recorded_outputs
-    from debiaslab.training.checkpoint import resolve_checkpoint
 
     root, experiment, cfg = base
     moved = tmp_path / "moved-experiment.yaml"

@@ -9,15 +9,15 @@ import torch
 from conftest import TINY as TINY_CORE
 from torch import nn
 
-from debiaslab.config import load_config
-from debiaslab.diffusion.losses import DenoisingLoss, mean_per_sample
-from debiaslab.errors import CheckpointError, ConfigError, TrainingDiverged
-from debiaslab.training.checkpoint import (
+from debiaslab.checkpoints import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
+from debiaslab.config import load_config
+from debiaslab.diffusion.losses import DenoisingLoss, mean_per_sample
+from debiaslab.errors import CheckpointError, ConfigError, TrainingDiverged
 from debiaslab.training.loop import EMA, ScoreTask, Trainer, warmup_lambda
 
 TINY = TINY_CORE + ["model.dropout=0.1", "train.warmup_steps=5", "train.log_every=5",

@@ -384,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("DEBIASLAB_DEBUG", "") not in ("", "0")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        from debiaslab import plugins
+
+        plugins.load()  # the methods register their sections, recipes and components
         return func(args)
     except KeyboardInterrupt:
         print("debiaslab: interrupted", file=sys.stderr)

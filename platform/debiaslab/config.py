@@ -6,17 +6,22 @@ Unknown keys and bad values are one-line :class:`ConfigError` s naming the key a
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Callable, Literal
 
 import yaml
 
 from debiaslab.errors import ConfigError
+from debiaslab.registry import plugin_hint
+from debiaslab.strict import (  # noqa: F401  (apply_overrides, load_yaml: the config API)
+    apply_overrides,
+    convert,
+    from_mapping,
+    load_yaml,
+    set_path,
+)
 
 
 @dataclass
@@ -95,15 +100,6 @@ class TrainConfig:
     # keys that may differ from the checkpoint's config when resuming (RESUME_ADJUSTABLE);
     # any other difference in what defines the run is refused
     resume_allow: tuple[str, ...] = ()
-
-
-@dataclass
-class CBDMConfig:
-    """Class-balancing regularizer (docs/algorithms.md §4.2), used when diffusion.loss = cbdm."""
-
-    tau: float = 1.0
-    gamma: float = 0.25  # the official code's hard-coded 1/4
-    target_distribution: str = "train"  # where y' is drawn from: methods.cbdm registry
 
 
 def _classifier_model() -> "ModelConfig":
@@ -213,7 +209,6 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    cbdm: CBDMConfig = field(default_factory=CBDMConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -227,7 +222,8 @@ class ExperimentConfig:
         if name in SECTIONS:
             value = self.__dict__.get("sections", {}).get(name)
             return SECTIONS[name]() if value is None else value
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}"
+                             f"{plugin_hint()}")
 
     @property
     def run_dir(self) -> Path:
@@ -272,6 +268,17 @@ def with_section(cfg: ExperimentConfig, name: str, value: Any) -> ExperimentConf
     return dataclasses.replace(cfg, sections={**cfg.sections, name: value})
 
 
+# The train stage's own keys; every section with ``affects_training`` is added (training_keys).
+TRAIN_KEYS = ("model.", "diffusion.", "train.", "data.augment", "distributed.num_workers")
+
+
+def training_keys() -> tuple[str, ...]:
+    """The config keys that define a trained score model: TRAIN_KEYS plus every registered
+    section whose ``affects_training`` is true (``cbdm.``, for instance)."""
+    return TRAIN_KEYS + tuple(f"{name}." for name, cls in SECTIONS.items()
+                              if getattr(cls, "affects_training", False))
+
+
 def resume_ignored() -> tuple[str, ...]:
     """RESUME_IGNORED plus every method section the score model's training does not read."""
     return RESUME_IGNORED + tuple(f"{name}." for name, cls in SECTIONS.items()
@@ -297,127 +304,14 @@ def dataset_key(data: DataConfig) -> str:
     return key
 
 
-# --------------------------------------------------------------------------------------------
-# strict conversion
-
-
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if tp is Any:
-        _check_finite(value, key)
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _from_dict(tp, value, key)
-    if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(
-                f"{key}: invalid value {value!r}; allowed: {', '.join(map(str, allowed))}"
-            )
-        return value
-    if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(get_args(tp)):
-            return None
-        return _convert(value, args[0], key)
-    if origin is tuple:
-        (item, *_rest) = get_args(tp)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        key_type, value_type = get_args(tp) or (str, Any)
-        out = {}
-        for k, v in value.items():
-            if key_type is str and not isinstance(k, str):
-                raise ConfigError(f"{key}: keys must be strings, got {k!r}")
-            out[k] = _convert(v, value_type, f"{key}.{k}")
-        return out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads "2e-3" (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is None:
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(number):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
-
-
-def _check_finite(value: Any, key: str) -> None:
-    """Free-form values (source and sampler options) may not hide a NaN or an infinity either."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_finite(v, f"{key}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_finite(v, f"{key}[{i}]")
-
-
-def _from_dict(cls: type, raw: dict[str, Any], prefix: str = "", base: Any = None) -> Any:
-    """``cls`` from a mapping, strictly; keys not given keep ``base``'s values (default: the
-    class defaults), so a nested section such as ``classifier.model`` keeps its own defaults
-    when only some of its keys are set."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if cls is ExperimentConfig:  # `sections` is filled by from_dict, under the sections' names
-        names.remove("sections")
-    base = cls() if base is None else base
-    kwargs = {}
-    for key, value in raw.items():
-        full = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            allowed = names + sorted(SECTIONS) if cls is ExperimentConfig else names
-            raise ConfigError(f"unknown config key {full!r}; allowed: {', '.join(allowed)}")
-        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            kwargs[key] = _from_dict(hints[key], value, full, base=getattr(base, key))
-        else:
-            kwargs[key] = _convert(value, hints[key], full)
-    return dataclasses.replace(base, **kwargs)
-
-
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
-    """Build a validated config from a plain dict (missing keys take their defaults)."""
-    import debiaslab.methods  # noqa: F401  (registers the method-owned sections)
-
+    """Build a config from a plain dict (missing keys take their defaults), strictly: the
+    built-in sections and every registered method section (SECTIONS)."""
     raw = dict(raw or {})
-    sections = {name: _convert(raw.pop(name), cls, name) if name in raw else cls()
+    sections = {name: convert(raw.pop(name), cls, name) if name in raw else cls()
                 for name, cls in SECTIONS.items()}
-    return dataclasses.replace(_from_dict(ExperimentConfig, raw), sections=sections)
+    cfg = from_mapping(ExperimentConfig, raw, skip=("sections",), also_allowed=sorted(SECTIONS))
+    return dataclasses.replace(cfg, sections=sections)
 
 
 # Keys older versions wrote that no longer mean anything (they are dropped from the configs
@@ -463,84 +357,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides (values parsed as YAML scalars/lists) to a nested dict."""
-    out = yaml.safe_load(yaml.safe_dump(raw)) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
-        path, text = item.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError:
-            value = text
-        set_path(out, path.strip(), value, f"override {path.strip()!r}")
-    return out
-
-
-def set_path(raw: dict[str, Any], path: str, value: Any, what: str | None = None) -> None:
-    """Set ``a.b.c`` in a nested dict. Inside a list, a part is an index (``guidance.0.omega``)
-    or the ``type`` of exactly one entry (``guidance.cfg.omega``)."""
-    what = what or path
-    node: Any = raw
-    parts = path.split(".")
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        if isinstance(node, list):
-            index = _list_index(node, part, what)
-            if last:
-                node[index] = value
-                return
-            node = node[index]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"{what}: {parts[depth - 1]!r} is not a section")
-        if last:
-            node[part] = value
-            return
-        node = node.setdefault(part, {})
-
-
-def _list_index(items: list[Any], part: str, what: str) -> int:
-    if part.isdigit():
-        if int(part) >= len(items):
-            raise ConfigError(f"{what}: index {part} is past the end of a list of {len(items)}")
-        return int(part)
-    matches = [i for i, item in enumerate(items) if isinstance(item, dict)
-               and item.get("type") == part]
-    if len(matches) != 1:
-        kinds = [str(item.get("type")) for item in items if isinstance(item, dict)]
-        raise ConfigError(f"{what}: {part!r} must be a list index or the type of exactly one "
-                          f"entry; entries: {', '.join(kinds) or '(none)'}")
-    return matches[0]
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or bad YAML is a one-line ConfigError naming it."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the config as UTF-8"
-                          ) from None
-    except OSError as exc:
-        raise ConfigError(f"{p}: cannot read ({exc.strerror})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{p}: invalid YAML{where}") from None
-    if raw is None:
-        raise ConfigError(f"{p}: the config file is empty; give at least a name (or omit "
-                          f"--config to use the defaults)")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
-    return raw
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None
                 ) -> ExperimentConfig:
     """Load an experiment YAML (or the defaults), apply overrides, validate types and names."""
@@ -552,8 +368,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: ExperimentConfig) -> None:
     """Check values that types cannot express: ranges and registry names."""
-    # Registries are filled on import; importing here keeps config.py free of import cycles.
-    import debiaslab.methods  # noqa: F401  (registers method components and recipes)
     from debiaslab.data.augment import AUGMENTS
     from debiaslab.data.sources import IMBALANCES, SOURCES
     from debiaslab.diffusion.losses import LOSSES
@@ -561,10 +375,8 @@ def validate(cfg: ExperimentConfig) -> None:
     from debiaslab.diffusion.samplers import SAMPLERS
     from debiaslab.diffusion.schedules import SCHEDULES
     from debiaslab.diffusion.weighting import WEIGHTINGS, build_weighting
-    from debiaslab.methods.cbdm import TARGET_DISTRIBUTIONS
     from debiaslab.metrics.features import register_builtin_extractors
     from debiaslab.nets import NETS
-    from debiaslab.recipes import RECIPES
 
     checks = [
         ("data.source", cfg.data.source, SOURCES),
@@ -574,10 +386,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("diffusion.weighting", cfg.diffusion.weighting, WEIGHTINGS),
         ("diffusion.loss", cfg.diffusion.loss, LOSSES),
         ("metrics.extractor", cfg.metrics.extractor, register_builtin_extractors()),
-        ("recipe", cfg.recipe, RECIPES),
         ("data.imbalance", cfg.data.imbalance, IMBALANCES),
         ("data.augment", cfg.data.augment, AUGMENTS),
-        ("cbdm.target_distribution", cfg.cbdm.target_distribution, TARGET_DISTRIBUTIONS),
     ] + [(f"sample.samplers[{i}]", s, SAMPLERS) for i, s in enumerate(cfg.sample.samplers)]
     for key, value, registry in checks:
         if value not in registry:
@@ -632,11 +442,6 @@ def validate(cfg: ExperimentConfig) -> None:
             f"sample.steps: must be <= diffusion.num_timesteps ({cfg.diffusion.num_timesteps}), "
             f"got {cfg.sample.steps}"
         )
-    if cfg.cbdm.tau < 0 or cfg.cbdm.gamma < 0:
-        raise ConfigError(f"cbdm.tau and cbdm.gamma must be >= 0, got {cfg.cbdm.tau}, "
-                          f"{cfg.cbdm.gamma}")
-    if cfg.diffusion.loss == "cbdm" and not cfg.model.class_conditional:
-        raise ConfigError("diffusion.loss=cbdm: needs model.class_conditional: true")
     if not cfg.model.channel_mult:
         raise ConfigError("model.channel_mult: must list at least one multiplier")
     _validate_names_seeds_devices(cfg)
@@ -647,6 +452,21 @@ def validate(cfg: ExperimentConfig) -> None:
         check = getattr(getattr(cfg, name), "check", None)
         if check is not None:
             check(cfg)
+    for validator in VALIDATORS:
+        validator(cfg)
+
+
+# Checks that layers above the schema add (register_validator): the recipe engine checks the
+# recipe name against its registry, for instance. Each takes the config and raises ConfigError.
+VALIDATORS: list[Callable[[ExperimentConfig], None]] = []
+
+
+def register_validator(fn: Callable[[ExperimentConfig], None]) -> Callable[[ExperimentConfig],
+                                                                           None]:
+    """Add a check that :func:`validate` runs after its own (once per function)."""
+    if fn not in VALIDATORS:
+        VALIDATORS.append(fn)
+    return fn
 
 
 # Resume (training.resume): keys whose change never alters what a run means are ignored; these

@@ -7,18 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from debiaslab.config import ExperimentConfig, dump_yaml
+from debiaslab.config import ExperimentConfig, dump_yaml, training_keys
 from debiaslab.data.locate import load_training_data, train_data_path
 from debiaslab.errors import DataError
 from debiaslab.fileio import write_text_atomic
+from debiaslab.progress import log  # noqa: F401  (methods import log from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GRID_COLUMNS = 10
 GRID_SCALE = 2  # 16x16 digits are easier to read enlarged
-
-
-def log(msg: str) -> None:
-    print(f"[debiaslab] {msg}", flush=True)
 
 
 def on_ray(cfg: ExperimentConfig, stage: str) -> bool:
@@ -109,7 +106,7 @@ class StageResult:
 
 def resume_point(cfg: ExperimentConfig) -> Path | None:
     """The checkpoint a training run of ``cfg`` would resume from (local or Ray storage)."""
-    from debiaslab.training.checkpoint import latest_checkpoint, list_checkpoints
+    from debiaslab.checkpoints import latest_checkpoint, list_checkpoints
 
     if not on_ray(cfg, "train"):
         return latest_checkpoint(cfg.run_dir / "checkpoints")
@@ -126,7 +123,7 @@ def resume_point(cfg: ExperimentConfig) -> Path | None:
 def check_resumable(cfg: ExperimentConfig) -> dict[str, tuple]:
     """Before any MLflow run is opened: refuse a resume that would change what the run means
     (training.resume); returns the changes train.resume_allow accepted."""
-    from debiaslab.training.checkpoint import TRAINER_KEYS, load_checkpoint
+    from debiaslab.checkpoints import TRAINER_KEYS, load_checkpoint
     from debiaslab.training.resume import check_resume
 
     latest = resume_point(cfg)
@@ -148,7 +145,7 @@ def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) 
 
 
 def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) -> StageResult:
-    from debiaslab.training.checkpoint import remove_orphan_temps
+    from debiaslab.checkpoints import remove_orphan_temps
     from debiaslab.training.loop import Trainer
     from debiaslab.training.resume import describe_changes
 
@@ -199,6 +196,7 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
     import numpy as np
     import torch
 
+    from debiaslab.data.pixels import to_uint8
     from debiaslab.data.schema import NO_LABEL, DatasetMeta, write_dataset
     from debiaslab.report import save_image_grid
     from debiaslab.sampling import (
@@ -238,7 +236,7 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
                  else torch.arange(len(seeds)))
         grid = save_image_grid(images[order], out / f"grid_{name}.png", GRID_COLUMNS,
                                scale=GRID_SCALE)
-        uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+        uint8 = to_uint8(images).numpy()
         lab = targets.numpy() if targets is not None else np.full(len(seeds), NO_LABEL)
         meta = DatasetMeta(name=f"{cfg.name}-{name}", source=f"samples:{trained.checkpoint}",
                            class_names=trained.class_names, attr_names=[])
@@ -268,6 +266,7 @@ def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Pa
         sample_job(checkpoint, sampler, range(s.seed_start, s.seed_start + s.num_samples), out,
                    steps=s.steps, labels_mode=s.labels, guidance=guidance,
                    options=s.options.get(sampler, {}), clip_x0=s.clip_x0, use_ema=s.use_ema,
+                   seeds_per_task=s.batch_size,  # the local path's batches: batch guidance agrees
                    device=cfg.train.device, concurrency=d.map_concurrency,
                    num_cpus=d.map_num_cpus, num_gpus=d.map_num_gpus)
     ds = ImageDataset.load(out)
@@ -469,10 +468,10 @@ def evaluate_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
 def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
     """Train the auxiliary classifier of ``cfg.classifier`` (run ``<name>.classifier``; Ray
     Train by default), then validate it per timestep bucket on the held-out rows (plot)."""
+    from debiaslab.checkpoints import remove_orphan_temps
     from debiaslab.recipes import StageOutput, make_artifact
     from debiaslab.report import save_figure
     from debiaslab.runlock import run_lock
-    from debiaslab.training.checkpoint import remove_orphan_temps
     from debiaslab.training.classifier import (
         classifier_experiment,
         evaluation_metrics,
@@ -529,10 +528,6 @@ CLASSIFIER_KEYS = ("classifier.", "diffusion.schedule", "diffusion.num_timesteps
                    "distributed.num_workers")
 
 
-TRAIN_KEYS = ("model.", "diffusion.", "train.", "cbdm.", "data.augment",
-              "distributed.num_workers")
-
-
 def diffusion_stages(sample_inputs: dict[str, str] | None = None,
                      extra: tuple[Any, ...] = (), evaluate_inputs: dict[str, str] | None = None,
                      evaluate_keys: tuple[str, ...] = ()) -> tuple[Any, ...]:
@@ -545,7 +540,7 @@ def diffusion_stages(sample_inputs: dict[str, str] | None = None,
         Stage("data", data_stage, outputs={"dataset": "dataset"}, keys=("data.",),
               description="build the (imbalanced) dataset"),
         Stage("train", train_stage, inputs={"dataset": "dataset"},
-              outputs={"score_model": "checkpoint"}, keys=TRAIN_KEYS,
+              outputs={"score_model": "checkpoint"}, keys=training_keys,
               description="train the score model"),
         *extra,
         Stage("sample", sample_stage,
@@ -568,6 +563,64 @@ def classifier_stage_spec() -> Any:
                  outputs={"classifier": "checkpoint"}, keys=CLASSIFIER_KEYS, backend="ray",
                  run_suffix="classifier",
                  description="train the auxiliary classifier of cfg.classifier")
+
+
+def side_table_stage(name: str, *, output: str, table: Callable[[ExperimentConfig], str],
+                     mapper: type, mapper_kwargs: Callable[[ExperimentConfig, Any], dict],
+                     schema: Callable[[], Any], inputs: dict[str, str] | None = None,
+                     keys: tuple[str, ...] = (),
+                     producer: Callable[[ExperimentConfig, Any], dict] | None = None,
+                     prepare: Callable[[ExperimentConfig, Any], None] | None = None,
+                     summary: Callable[[ExperimentConfig, Path], dict[str, float]] | None = None,
+                     backend: str = "ray", description: str = "") -> Any:
+    """A stage that maps every image of the dataset to side-table columns: a Ray Data map job
+    (backend ray: ``mapper(**mapper_kwargs)`` built once per actor) or the same mapper on the
+    same batches in this process (local). Writes side table ``table(cfg)`` of the dataset as
+    artifact ``output``.
+
+    ``schema()``: the pyarrow schema of the mapper's output (``id`` plus its columns);
+    ``producer``: what computed the table (recorded in it); ``prepare``: runs first in this
+    process (checks options, fills caches the actors read); ``summary``: metrics of the written
+    table (logged to the stage's run and copied to the parent)."""
+    from debiaslab.recipes import Stage
+
+    def run(cfg: ExperimentConfig, ctx: Any) -> Any:
+        from debiaslab.recipes import StageOutput, make_artifact
+
+        dataset = Path(ctx.inputs["dataset"].path)
+        kwargs = mapper_kwargs(cfg, ctx)
+        info = producer(cfg, ctx) if producer is not None else {}
+        name_ = table(cfg)
+        if prepare is not None:
+            prepare(cfg, ctx)
+        d = cfg.distributed
+        if ctx.backend == "ray":
+            from debiaslab.distributed.data import map_to_side_table
+            from debiaslab.distributed.runtime import ray_session
+
+            with ray_session(d.address, object_store_memory_gb=d.object_store_memory_gb):
+                folder = map_to_side_table(
+                    dataset, name_, mapper, kwargs, schema(), producer=info,
+                    read_columns=["id", "image", "label"], decode=True,
+                    concurrency=d.map_concurrency, batch_size=d.map_batch_size,
+                    num_cpus=d.map_num_cpus, num_gpus=d.map_num_gpus, progress=ctx.progress)
+        else:
+            from debiaslab.data.side_tables import map_dataset, write_side_table
+
+            columns = [f.name for f in schema() if f.name != "id"]
+            ids, values = map_dataset(dataset, mapper(**kwargs), columns,
+                                      batch_size=d.map_batch_size, progress=ctx.progress,
+                                      desc=name)
+            folder = write_side_table(dataset, name_, ids, values, producer=info)
+        metrics = summary(cfg, folder) if summary is not None else {}
+        if ctx.tracker is not None and metrics:
+            ctx.tracker.log_metrics(metrics)
+        return StageOutput(artifacts={output: make_artifact("side_table", folder)},
+                           metrics=metrics)
+
+    return Stage(name, run, inputs={"dataset": "dataset", **(inputs or {})},
+                 outputs={output: "side_table"}, keys=keys, backend=backend,  # type: ignore
+                 description=description)
 
 
 # ------------------------------------------------------------------------------------ whole run

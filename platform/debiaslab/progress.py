@@ -1,11 +1,12 @@
 """Progress reporting that suits both a terminal and a log file.
 
-``progress(...)`` returns a tqdm bar when the output stream is interactive (a TTY, or a Jupyter
-kernel's stream), and otherwise a :class:`LineProgress`: the same minimal interface (iteration,
-``update``, ``close``, ``set_postfix``, ``set_description``, context manager, ``n``/``total``) that
-writes at most one plain line (no carriage returns) every ``DEBIASLAB_PROGRESS_INTERVAL`` seconds
-(default 30) plus a final line. CI logs, ``ray job submit`` logs and redirected stderr therefore get
-a handful of readable lines instead of thousands of ``\\r`` redraws.
+``log(msg)`` prints the project's status lines. ``progress(...)`` returns a tqdm bar when the
+output stream is interactive (a TTY, or a Jupyter kernel's stream), and otherwise a
+:class:`LineProgress`: the same minimal interface (iteration, ``update``, ``close``,
+``set_postfix``, ``set_description``, context manager, ``n``/``total``) that writes at most one
+plain line (no carriage returns) every ``DEBIASLAB_PROGRESS_INTERVAL`` seconds (default 30) plus a
+final line. CI logs, ``ray job submit`` logs and redirected stderr therefore get a handful of
+readable lines instead of thousands of ``\\r`` redraws.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ INTERVAL_ENV = "DEBIASLAB_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL_S = 30.0
 
 _clock = time.monotonic  # module-level so tests can substitute a fake clock
+
+
+def log(msg: str) -> None:
+    """The one status line format of the project: ``[debiaslab] msg`` on stdout, flushed."""
+    print(f"[debiaslab] {msg}", flush=True)
 
 
 def progress_interval() -> float:

@@ -24,40 +24,42 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from debiaslab.config import ExperimentConfig, to_dict
+from debiaslab.config import ExperimentConfig, register_validator, to_dict
 from debiaslab.errors import ConfigError
-from debiaslab.registry import Registry
+from debiaslab.progress import log
+from debiaslab.records import (  # noqa: F401  (the record API, re-exported for stage authors)
+    RECORD_DIR,
+    RECORD_VERSION,
+    Artifact,
+    artifact_hash,
+    config_values,
+    file_hash,
+    make_artifact,
+    read_record,
+    record_path,
+    recorded_outputs,
+    up_to_date,
+    write_record,
+)
+from debiaslab.registry import Registry, plugin_hint
 
 ArtifactKind = Literal["dataset", "side_table", "checkpoint", "samples", "evaluation"]
 ARTIFACT_KINDS = ("dataset", "side_table", "checkpoint", "samples", "evaluation")
 Backend = Literal["local", "ray"]
 STAGE_TAG = "debiaslab.stage"
 
-RECORD_DIR = "stages"
-RECORD_VERSION = 1
-
 RECIPES: Registry = Registry("recipe")
 
 
-def log(msg: str) -> None:
-    print(f"[debiaslab] {msg}", flush=True)
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A stage output: its kind, where it is, and a content hash of what is there."""
-
-    kind: str
-    path: str
-    hash: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"kind": self.kind, "path": self.path, "hash": self.hash}
+@register_validator
+def check_recipe_name(cfg: ExperimentConfig) -> None:
+    """config.validate's hook: ``recipe`` names a registered recipe."""
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"recipe: unknown {RECIPES.kind} {cfg.recipe!r}; allowed: "
+                          f"{', '.join(RECIPES.names())}{plugin_hint()}")
 
 
 @dataclass
@@ -77,6 +79,7 @@ class StageContext:
     tracker: Any = None  # the stage's MLflow child run (None when tracking is off)
     progress: bool = True
     force: bool = False
+    backend: Backend = "local"  # where this stage runs (resolve_backend), decided once
 
 
 StageFn = Callable[[ExperimentConfig, StageContext], StageOutput]
@@ -87,15 +90,17 @@ class Stage:
     """One step of a recipe.
 
     ``inputs`` / ``outputs`` map artifact names to kinds; ``keys`` are the dotted config keys
-    (or sections, ending in ".") whose values define the output; ``run_suffix`` names the stage's
-    own run (``<name>.<suffix>``; "" shares the experiment's run folder, like the score model).
+    (or sections, ending in ".") whose values define the output, or a function returning them
+    when they depend on what is registered (the train stage reads every section that affects
+    training); ``run_suffix`` names the stage's own run (``<name>.<suffix>``; "" shares the
+    experiment's run folder, like the score model).
     """
 
     name: str
     fn: StageFn
     inputs: Mapping[str, str] = field(default_factory=dict)
     outputs: Mapping[str, str] = field(default_factory=dict)
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] | Callable[[], tuple[str, ...]] = ()
     backend: Backend = "local"
     run_suffix: str = ""
     description: str = ""
@@ -107,6 +112,10 @@ class Stage:
 
     def run_name(self, cfg: ExperimentConfig) -> str:
         return f"{cfg.name}.{self.run_suffix}" if self.run_suffix else cfg.name
+
+    def key_names(self) -> tuple[str, ...]:
+        """The config keys that define this stage's output."""
+        return tuple(self.keys() if callable(self.keys) else self.keys)
 
 
 @dataclass(frozen=True)
@@ -157,8 +166,7 @@ def register_recipe(recipe: Recipe) -> Recipe:
 
 
 def get_recipe(cfg: ExperimentConfig) -> Recipe:
-    import debiaslab.methods  # noqa: F401  (method modules register their recipes)
-
+    """The config's recipe (registered by the method plugins), its own config rules checked."""
     recipe = RECIPES.get(cfg.recipe)
     if recipe.check is not None:
         recipe.check(cfg)
@@ -184,150 +192,15 @@ def stage_config(cfg: ExperimentConfig, stage: Stage) -> ExperimentConfig:
                                                                     backend=backend))
 
 
-# ----------------------------------------------------------------------------- hashing / records
-
-
-def config_values(cfg: ExperimentConfig, keys: Sequence[str]) -> dict[str, Any]:
-    """{key: value} for dotted keys; a key ending in "." selects a whole section."""
-    flat = _flatten(to_dict(cfg))
-    out: dict[str, Any] = {}
-    for key in keys:
-        if key.endswith("."):
-            out.update({k: v for k, v in flat.items() if k.startswith(key)})
-        elif key in flat:
-            out[key] = flat[key]
-        else:
-            raise ValueError(f"stage key {key!r} is not a config key")
-    return out
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+# ----------------------------------------------------------------------------- stage keys
 
 
 def stage_key(stage: Stage, cfg: ExperimentConfig, inputs: Mapping[str, Artifact]) -> str:
-    blob = json.dumps({"stage": stage.name, "config": config_values(cfg, stage.keys),
+    """sha256 of the stage's name, its config keys' values and its inputs' content hashes."""
+    blob = json.dumps({"stage": stage.name, "config": config_values(cfg, stage.key_names()),
                        "inputs": {k: inputs[k].hash for k in sorted(stage.inputs)}},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def record_path(cfg: ExperimentConfig, stage: Stage) -> Path:
-    return cfg.run_dir / RECORD_DIR / f"{stage.name}.json"
-
-
-def read_record(cfg: ExperimentConfig, stage: Stage) -> dict[str, Any] | None:
-    path = record_path(cfg, stage)
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("version") == RECORD_VERSION else None
-
-
-def recorded_outputs(cfg: ExperimentConfig) -> dict[str, str]:
-    """{artifact name: path} of every stage output recorded in the run folder (what a method's
-    evaluation or a sweep trial reads of the run that produced its checkpoint)."""
-    out: dict[str, str] = {}
-    folder = cfg.run_dir / RECORD_DIR
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(record, dict) and record.get("version") == RECORD_VERSION:
-            out.update({k: str(v.get("path", "")) for k, v in record.get("outputs", {}).items()
-                        if isinstance(v, dict)})
-    return out
-
-
-def write_record(cfg: ExperimentConfig, stage: Stage, key: str, output: StageOutput) -> Path:
-    from debiaslab.fileio import write_text_atomic
-
-    path = record_path(cfg, stage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"version": RECORD_VERSION, "stage": stage.name, "key": key,
-              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "outputs": {k: a.to_json() for k, a in output.artifacts.items()},
-              "metrics": output.metrics}
-    return write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True))
-
-
-def up_to_date(cfg: ExperimentConfig, stage: Stage, key: str) -> dict[str, Artifact] | None:
-    """The recorded outputs when the stage already ran with this key and they are intact."""
-    record = read_record(cfg, stage)
-    if record is None or record.get("key") != key:
-        return None
-    outputs = {k: Artifact(**v) for k, v in record.get("outputs", {}).items()}
-    if set(outputs) != set(stage.outputs):
-        return None
-    for artifact in outputs.values():
-        if artifact_hash(artifact.kind, Path(artifact.path)) != artifact.hash:
-            return None
-    return outputs
-
-
-def artifact_hash(kind: str, path: Path) -> str | None:
-    """Content hash of an artifact on disk (None when it is missing or unreadable)."""
-    try:
-        if kind in ("dataset", "side_table"):
-            return _manifest_hash(path)
-        if kind == "samples":  # a folder of per-sampler datasets
-            parts = sorted(p for p in path.iterdir() if (p / "dataset.json").is_file())
-            if not parts:
-                return None
-            joined = "".join(f"{p.name}:{_manifest_hash(p)};" for p in parts)
-            return hashlib.sha256(joined.encode()).hexdigest()
-        return file_hash(path)
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _manifest_hash(path: Path) -> str:
-    """The content hash a dataset's (or side table's) manifest records, provided every data
-    file it lists is still there with its recorded size (a cheap check; readers verify the
-    bytes against the hash when they load)."""
-    for name in ("dataset.json", "side_table.json"):
-        if (path / name).is_file():
-            manifest = json.loads((path / name).read_text())
-            files = manifest.get("shards") or manifest.get("files") or []
-            for entry in files:
-                file = entry["file"] if isinstance(entry, dict) else entry
-                size = entry.get("bytes") if isinstance(entry, dict) else None
-                stat = (path / file).stat()  # FileNotFoundError: the artifact is incomplete
-                if size is not None and stat.st_size != int(size):
-                    raise ValueError(f"{path / file}: size changed")
-            return str(manifest["content_hash"])
-    raise FileNotFoundError(path)
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes, or of a folder's files (relative names and bytes)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    if not files:
-        raise FileNotFoundError(path)
-    for f in files:
-        if f != path:
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def make_artifact(kind: str, path: Path | str) -> Artifact:
-    path = Path(path)
-    digest = artifact_hash(kind, path)
-    if digest is None:
-        raise ConfigError(f"stage output {path} ({kind}) is missing or unreadable")
-    return Artifact(kind, str(path), digest)
 
 
 # ----------------------------------------------------------------------------- walking
@@ -403,7 +276,7 @@ def _walk(cfg: ExperimentConfig, recipe: Recipe, wanted: list[str], result: Reci
             continue
         log(f"stage {stage.name}: running ({resolve_backend(cfg, stage)})")
         output = run_stage(scfg, stage, inputs, parent=parent, force=force, progress=progress)
-        write_record(scfg, stage, key, output)
+        write_record(scfg, stage, key, output.artifacts, output.metrics)
         result.outputs.update(output.artifacts)
         result.stages[stage.name] = output
         result.metrics.update(output.metrics)
@@ -411,19 +284,23 @@ def _walk(cfg: ExperimentConfig, recipe: Recipe, wanted: list[str], result: Reci
 
 def run_stage(cfg: ExperimentConfig, stage: Stage, inputs: dict[str, Artifact], *,
               parent: Any = None, force: bool = False, progress: bool = True) -> StageOutput:
-    """Run one stage (in an MLflow child run of ``parent`` when given)."""
+    """Run one stage (in an MLflow child run of ``parent`` when given) on its resolved backend."""
+    backend = resolve_backend(cfg, stage)
     if parent is None:
-        return _checked(stage, stage.fn(cfg, StageContext(inputs, None, progress, force)))
+        return _checked(stage, stage.fn(cfg, StageContext(inputs, None, progress, force,
+                                                          backend)))
     from debiaslab.compare import KIND_STAGE, KIND_TAG
     from debiaslab.tracking import Tracker
 
     tags = {"mlflow.parentRunId": parent.run_id, KIND_TAG: KIND_STAGE, STAGE_TAG: stage.name}
     with Tracker(cfg.output_dir, cfg.tracking.experiment, f"{cfg.name}/{stage.name}",
                  tags=tags, tracking_uri=parent.tracking_uri) as child:
-        child.log_params({f"stage.{k}": v for k, v in config_values(cfg, stage.keys).items()})
+        child.log_params({f"stage.{k}": v
+                          for k, v in config_values(cfg, stage.key_names()).items()})
         for name, artifact in inputs.items():
             child.set_tag(f"input.{name}", f"{artifact.path}@{artifact.hash[:12]}")
-        output = _checked(stage, stage.fn(cfg, StageContext(inputs, child, progress, force)))
+        output = _checked(stage, stage.fn(cfg, StageContext(inputs, child, progress, force,
+                                                            backend)))
         for name, artifact in output.artifacts.items():
             child.set_tag(f"output.{name}", f"{artifact.path}@{artifact.hash[:12]}")
     return output
@@ -441,13 +318,7 @@ def _checked(stage: Stage, output: StageOutput) -> StageOutput:
 
 
 def backend_of(cfg: ExperimentConfig, stage_name: str) -> Backend:
-    """Where stage ``stage_name`` of the config's recipe runs (the same rule as run_recipe)."""
-    if cfg.distributed.backend != "auto":
-        return cfg.distributed.backend  # type: ignore[return-value]
-    import debiaslab.methods  # noqa: F401
-
-    recipe = RECIPES.get(cfg.recipe)
-    for stage in recipe.stages:
-        if stage.name == stage_name:
-            return stage.backend
-    return "local"
+    """Where stage ``stage_name`` of the config's recipe runs (the same rule as run_recipe), for
+    callers outside a recipe walk (``debiaslab train``, sweep trials); a stage the recipe does not
+    have is a ConfigError, never a silent "local"."""
+    return resolve_backend(cfg, RECIPES.get(cfg.recipe).stage(stage_name))

@@ -8,6 +8,26 @@ from debiaslab.errors import ConfigError
 
 T = TypeVar("T")
 
+# Method modules fill the registries when they are imported; debiaslab.plugins.load() imports
+# them at every entry point (CLI, jobs, tests, each Ray worker) and marks it here, so that a miss
+# before that can say why instead of listing only the built-in names.
+_PLUGINS = {"loaded": False}
+
+
+def mark_plugins_loaded() -> None:
+    _PLUGINS["loaded"] = True
+
+
+def plugins_loaded() -> bool:
+    return _PLUGINS["loaded"]
+
+
+def plugin_hint() -> str:
+    """The suffix of "unknown name" errors while the method plugins are not loaded."""
+    if _PLUGINS["loaded"]:
+        return ""
+    return " (method plugins are not loaded: call debiaslab.plugins.load() first)"
+
 
 class Registry(Generic[T]):
     """A named mapping from config strings to classes or functions.
@@ -36,7 +56,7 @@ class Registry(Generic[T]):
         except KeyError:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; allowed: {', '.join(sorted(self._items))}"
-            ) from None
+                f"{plugin_hint()}") from None
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> Any:
         return self.get(name)(*args, **kwargs)  # type: ignore[operator]

@@ -34,12 +34,14 @@ def _to_numpy(images: Any) -> np.ndarray:
 
 
 def to_uint8(images: Any) -> np.ndarray:
-    """uint8 images unchanged; any other dtype read as [-1, 1] and mapped to round(127.5 (x+1))."""
+    """uint8 images unchanged; any other dtype read as [-1, 1] and converted by the one pixel
+    rule (data.pixels: the stored samples' bytes)."""
+    from debiaslab.data.pixels import to_uint8_numpy
+
     array = _to_numpy(images)
     if array.dtype == np.uint8:
         return array
-    array = np.nan_to_num(array.astype(np.float64), nan=-1.0, posinf=1.0, neginf=-1.0)
-    return np.floor((array + 1.0) * 127.5 + 0.5).clip(0, 255).astype(np.uint8)
+    return to_uint8_numpy(array)
 
 
 def image_grid(

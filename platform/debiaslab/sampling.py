@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from debiaslab.checkpoints import load_checkpoint, resolve_checkpoint
 from debiaslab.config import ExperimentConfig, from_saved_dict
 from debiaslab.diffusion.denoiser import Denoiser
 from debiaslab.diffusion.guidance import GuidanceContext, build_guidance, spec_fields
@@ -16,7 +17,6 @@ from debiaslab.diffusion.losses import LOSSES
 from debiaslab.diffusion.samplers import sample as run_sampler
 from debiaslab.diffusion.samplers import sampler_options
 from debiaslab.errors import CheckpointError, ConfigError, describe_error
-from debiaslab.training.checkpoint import load_checkpoint, resolve_checkpoint
 from debiaslab.training.loop import build_score_net, select_device
 
 LABEL_SEED_OFFSET = 7_777_777  # labels drawn for mode "uniform" use their own stream
@@ -51,8 +51,6 @@ def load_trained(path: str | Path, *, use_ema: bool = True, device: str = "auto"
     try:
         data = state["data"]
         shape = tuple(int(v) for v in data["shape"])
-        import debiaslab.methods  # noqa: F401  (registers the methods' losses)
-
         net = build_score_net(cfg, shape, int(data["num_classes"]))
         model, denoiser = LOSSES.get(cfg.diffusion.loss).sampling_model(cfg, net)
         weights = state["ema"]["shadow"] if use_ema else state["model"]
@@ -90,7 +88,7 @@ def classifier_checkpoint(cfg: ExperimentConfig | None, checkpoint: str,
         return Path(default).resolve()
     if cfg is None:
         raise ConfigError("sample.guidance classifier: give checkpoint: <file or run folder>")
-    from debiaslab.recipes import recorded_outputs
+    from debiaslab.records import recorded_outputs
 
     recorded = recorded_outputs(cfg).get("classifier")  # unreadable records are skipped
     if recorded:

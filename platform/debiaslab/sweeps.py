@@ -11,16 +11,13 @@ from typing import Any, Literal
 
 from debiaslab.config import (
     ExperimentConfig,
-    _from_dict,
-    apply_overrides,
     check_name,
     from_dict,
     load_config,
-    load_yaml,
-    set_path,
     validate,
 )
 from debiaslab.errors import ConfigError
+from debiaslab.strict import apply_overrides, from_mapping, load_yaml, set_path
 
 SWEEP_KINDS = ("sampling", "training")
 # config sections a sampling trial may change (the checkpoint is fixed)
@@ -196,7 +193,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     are checked against what trials report in distributed.sweep (needs the extractor)."""
     sweep_file = Path(path)
     raw = apply_overrides(load_yaml(sweep_file), overrides or [])
-    sweep = _from_dict(SweepConfig, {k: v for k, v in raw.items()
+    sweep = from_mapping(SweepConfig, {k: v for k, v in raw.items()
                                      if k not in ("specs", "base", "base_raw")})
     check_name("name", sweep.name)  # the sweep's folder and its trials' run names
     if not sweep.experiment:
@@ -211,7 +208,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     for key, value in sweep.params.items():
         if not isinstance(value, dict):
             raise ConfigError(f"params.{key}: expected a mapping with type/low/high or choices")
-        spec = _from_dict(ParamSpec, value, f"params.{key}")
+        spec = from_mapping(ParamSpec, value, f"params.{key}")
         check_spec(key, spec)
         if sweep.kind == "sampling" and not key.startswith(SAMPLING_SECTIONS):
             raise ConfigError(f"params.{key}: a sampling sweep reuses one checkpoint and can only "

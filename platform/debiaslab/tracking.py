@@ -25,6 +25,7 @@ from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
 from debiaslab.errors import DebiaslabError, TrackingError
+from debiaslab.strict import flatten as flatten_keys  # the one rule for dotted keys
 
 MAX_PARAM_VALUE_CHARS = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VALUE_CHARS = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
@@ -112,20 +113,10 @@ def flatten(config: Mapping[str, Any] | Any, prefix: str = "") -> dict[str, str]
     Lists and tuples become one string (`"[1, 2]"`), an empty dict becomes `"{}"`, and values longer
     than MLflow's 6000-character limit are truncated with a `...[truncated]` mark.
     """
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = dataclasses.asdict(config)
-    flat: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            value = dataclasses.asdict(value)
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name))
-        elif isinstance(value, Mapping):
-            flat[name] = "{}"
-        else:
-            flat[name] = _param_value(value)
-    return flat
+    plain = _plain(config)
+    flat = flatten_keys(plain, f"{prefix}." if prefix else "")
+    return {k: "{}" if isinstance(v, Mapping) and not v else _param_value(v)
+            for k, v in flat.items()}
 
 
 def _plain(value: Any) -> Any:
@@ -277,7 +268,7 @@ def store_errors(tracking_uri: str) -> Iterator[None]:
 def end_dead_runs(client: Any, experiment_id: str, run_name: str) -> list[str]:
     """Runs named ``run_name`` still RUNNING whose process on this host is gone (killed with
     -9, a crashed machine) are ended KILLED, so the MLflow UI shows no zombies."""
-    from debiaslab.training.checkpoint import pid_alive
+    from debiaslab.checkpoints import pid_alive
 
     host = socket.gethostname()
     quoted = run_name.replace("'", "\\'")

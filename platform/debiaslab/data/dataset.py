@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from debiaslab.data.pixels import from_uint8
 from debiaslab.data.schema import (
     NO_LABEL,
     SCHEMA,
@@ -27,7 +28,6 @@ from debiaslab.data.schema import (
 from debiaslab.progress import progress
 
 PROGRESS_MIN_IMAGES = 1000  # show a progress bar when decoding at least this many images
-PIXEL_HALF_RANGE = 127.5  # uint8 0..255 -> [-1, 1] via x / 127.5 - 1
 
 
 def _read_shard(path: Path) -> pa.Table:
@@ -163,4 +163,4 @@ class ImageDataset(Dataset):
     @staticmethod
     def to_float(batch: torch.Tensor) -> torch.Tensor:
         """uint8 0..255 -> float32 in [-1, 1]."""
-        return batch.float() / PIXEL_HALF_RANGE - 1.0
+        return from_uint8(batch)

@@ -275,7 +275,7 @@ class HSpaceGuidance(Guided):
 
 def guidance_spec(entry: dict[str, Any], key: str) -> tuple[type, Any]:
     """Validate one ``sample.guidance`` entry: (component class, typed Spec instance)."""
-    from debiaslab.config import _from_dict
+    from debiaslab.strict import from_mapping
 
     if not isinstance(entry, dict) or "type" not in entry:
         raise ConfigError(f"{key}: expected a mapping with a type, e.g. {{type: cfg, omega: 1.0}}; "
@@ -287,7 +287,7 @@ def guidance_spec(entry: dict[str, Any], key: str) -> tuple[type, Any]:
         raise ConfigError(f"{key}: guidance {entry['type']!r} is built by its method, not "
                           f"configured; configurable: {', '.join(configurable)}")
     fields = {k: v for k, v in entry.items() if k != "type"}
-    return cls, _from_dict(spec_cls, fields, key)
+    return cls, from_mapping(spec_cls, fields, key)
 
 
 def spec_fields(entry: dict[str, Any]) -> dict[str, Any]:

@@ -158,5 +158,5 @@ class EDMLoss(DiffusionLoss):
 def build_loss(cfg: Any) -> DiffusionLoss:
     """Build the configured loss of an ExperimentConfig (``diffusion.loss`` names a LOSSES
     entry; method losses read their own config section, e.g. ``cbdm``). Method losses are
-    registered when ``debiaslab.methods`` is imported (the trainer and sampling do)."""
+    registered by the method plugins (debiaslab.plugins.load, run at every entry point)."""
     return LOSSES.get(cfg.diffusion.loss).from_config(cfg)

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from debiaslab.data.pixels import to_uint8
 from debiaslab.data.schema import (
     DEFAULT_ROWS_PER_SHARD,
     FORMAT_VERSION,
@@ -60,8 +61,6 @@ MAP_TASK_RETRIES = 3  # a map task whose mapper raises is retried this often
 READ_TASK_CPUS = 0.5  # shard reads are I/O + Parquet decoding; leave room for the actors
 DEFAULT_NUM_CPUS = 0.5  # fractional: concurrency 2 on 2 cores leaves CPU for the read tasks
 DEFAULT_SEEDS_PER_TASK = 64
-PIXEL_HALF_RANGE = 127.5  # [-1, 1] -> uint8 via round((x + 1) * 127.5)
-PIXEL_MAX = 255
 PIXELS = "pixels"  # decoded uint8 [N, C, H, W] column of read_images(decode=True)
 _TASK_FILE = re.compile(r"^task-(\d+)-(\d+)\.parquet$")
 # Normalizing the output (an external merge sort in the driver; memory does not grow with it)
@@ -691,7 +690,6 @@ class SampleMapper:
         self.generate_batch_size = generate_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
 
         from debiaslab.sampling import generate, seed_labels
 
@@ -701,7 +699,7 @@ class SampleMapper:
         images = generate(self.trained, self.sampler, seeds, steps=self.steps, labels=labels,
                           denoiser=self.denoiser, batch_size=self.generate_batch_size,
                           options=self.options, clip_x0=self.clip_x0)
-        uint8 = ((images + 1) * PIXEL_HALF_RANGE).round().clamp(0, PIXEL_MAX).to(torch.uint8)
+        uint8 = to_uint8(images)
         n = len(seeds)
         return {"id": [f"seed{s:08d}" for s in seeds],
                 "image": [encode_png(img) for img in uint8.numpy()],

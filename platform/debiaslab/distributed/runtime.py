@@ -23,6 +23,11 @@ RAY_ENV_DEFAULTS = {
 # other local users could still connect: export RAY_AUTH_MODE=token there (cluster/SECURITY.md).
 # Clusters use RAY_AUTH_MODE=token (cluster/SECURITY.md): joining one, we set nothing.
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
+# Every Ray worker process of ours (Train workers, Data actors, Tune trials) loads the method
+# plugins before it runs anything, as the driver's entry point did: Ray's
+# worker_process_setup_hook, named by its import path (a string: this layer never imports the
+# plugins module, which sits above it).
+SETUP_HOOK = "debiaslab.plugins.load"
 
 
 def ray_env() -> dict[str, str]:
@@ -76,7 +81,7 @@ def init_ray(address: str = "", *, object_store_memory_gb: float = 2.0,
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS", "")  # set inside `ray job submit` jobs
-    env = {"env_vars": dict(ray_env())}
+    env: dict[str, Any] = {"env_vars": dict(ray_env()), "worker_process_setup_hook": SETUP_HOOK}
     if not address:
         for key, value in LOCAL_RAY_ENV.items():
             env["env_vars"][key] = os.environ.setdefault(key, value)

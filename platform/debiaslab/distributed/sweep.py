@@ -251,7 +251,7 @@ def _sampling_checkpoint(sweep: SweepConfig, recorded: dict[str, str]) -> str:
     """The score model every sampling trial loads: ``checkpoint`` if the sweep names one, else
     the base run's train-stage record (``recorded``: its recorded outputs; a stage found up to
     date may point into another run's folder), else the base run folder's latest checkpoint."""
-    from debiaslab.training.checkpoint import resolve_checkpoint
+    from debiaslab.checkpoints import resolve_checkpoint
 
     assert sweep.base is not None
     target = sweep.checkpoint or recorded.get("score_model") or str(sweep.base.run_dir)

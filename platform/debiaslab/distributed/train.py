@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from debiaslab.checkpoints import TRAINER_KEYS, latest_checkpoint, load_checkpoint
 from debiaslab.config import ExperimentConfig, absolute_paths, from_saved_dict, to_dict
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
 from debiaslab.errors import ConfigError
-from debiaslab.training.checkpoint import TRAINER_KEYS, latest_checkpoint, load_checkpoint
 from debiaslab.training.factories import classifier_trainer, score_trainer  # noqa: F401
 
 RAY_RESULTS_DIR = "ray_results"
@@ -205,7 +205,7 @@ STAGING_PREFIX = "debiaslab-"
 
 def _remove_dead_staging(name: str) -> None:
     """Staging folders (checkpoints before Ray copies them) of workers killed with -9."""
-    from debiaslab.training.checkpoint import pid_alive
+    from debiaslab.checkpoints import pid_alive
 
     for folder in Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}{name}-p*-*"):
         pid = folder.name[len(f"{STAGING_PREFIX}{name}-p"):].split("-", 1)[0]

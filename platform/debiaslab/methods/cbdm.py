@@ -4,11 +4,13 @@ prediction for a random other class y', with CFG sampling."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from debiaslab.config import register_section
 from debiaslab.diffusion.losses import LOSSES, DenoisingLoss, mean_per_sample
 from debiaslab.errors import ConfigError
 from debiaslab.pipeline import diffusion_stages
@@ -18,6 +20,32 @@ from debiaslab.registry import Registry
 # Where y' comes from (docs/algorithms.md §4.2 FLAG): the official code uses the empirical training
 # label frequencies when training from scratch and the uniform prior when fine-tuning.
 TARGET_DISTRIBUTIONS: Registry = Registry("cbdm target distribution")
+
+
+@dataclass
+class CBDMConfig:
+    """The ``cbdm:`` section: the class-balancing regularizer (docs/algorithms.md §4.2), used
+    when diffusion.loss = cbdm. The one place its defaults are written."""
+
+    tau: float = 1.0
+    gamma: float = 0.25  # the official code's hard-coded 1/4
+    target_distribution: str = "train"  # where y' is drawn from: TARGET_DISTRIBUTIONS
+
+    affects_training = True  # part of the train stage's key and of the resume check
+
+    def check(self, cfg: Any) -> None:
+        if self.target_distribution not in TARGET_DISTRIBUTIONS:
+            raise ConfigError(f"cbdm.target_distribution: unknown {TARGET_DISTRIBUTIONS.kind} "
+                              f"{self.target_distribution!r}; allowed: "
+                              f"{', '.join(TARGET_DISTRIBUTIONS.names())}")
+        if self.tau < 0 or self.gamma < 0:
+            raise ConfigError(f"cbdm.tau and cbdm.gamma must be >= 0, got {self.tau}, "
+                              f"{self.gamma}")
+        if cfg.diffusion.loss == "cbdm" and not cfg.model.class_conditional:
+            raise ConfigError("diffusion.loss=cbdm: needs model.class_conditional: true")
+
+
+register_section("cbdm", CBDMConfig)
 
 
 @TARGET_DISTRIBUTIONS.register("train")
@@ -62,8 +90,9 @@ class CBDMLoss(DenoisingLoss):
     doubled batch, so DDP sees a single forward per step.
     """
 
-    def __init__(self, *args: Any, tau: float = 1.0, gamma: float = 0.25,
-                 target_distribution: str = "train", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, tau: float = CBDMConfig.tau, gamma: float = CBDMConfig.gamma,
+                 target_distribution: str = CBDMConfig.target_distribution,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.target.name != "eps":
             raise ConfigError(f"diffusion.target: cbdm's regularizer is defined on eps "

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from debiaslab.config import ExperimentConfig, register_section
+from debiaslab.data.pixels import from_uint8, to_uint8
 from debiaslab.errors import ConfigError, DataError
 from debiaslab.registry import Registry
 
@@ -258,7 +259,7 @@ class FeatureDistance(Distance):
 
     def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
         def features(x: Tensor) -> Tensor:
-            u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            u8 = to_uint8(x).cpu().numpy()
             return torch.from_numpy(self.extractor.extract(u8, batch_size=len(u8)).features)
 
         return (features(x0) - features(x0_hat)).double().norm(dim=1).float().to(x0.device)
@@ -319,7 +320,7 @@ class MinorityScoreMapper:
         s = self.settings
         ids = [str(i) for i in batch["id"]]
         pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
-        x0 = pixels.float().div(127.5).sub(1.0)
+        x0 = from_uint8(pixels)
         labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
         conditional = self.trained.num_classes > 0 and self.trained.cfg.model.class_conditional
         scores = np.empty(len(ids), np.float32)
@@ -348,22 +349,12 @@ def score_dataset_local(dataset_path: Path, checkpoint: Path, settings: dict[str
                         batch_size: int = 64, device: str = "auto", progress: bool = False
                         ) -> tuple[list[str], np.ndarray]:
     """The scores of every image in this process (ids in dataset order, float32 [N])."""
-    from debiaslab.data.dataset import ImageDataset
-    from debiaslab.progress import progress as progress_bar
+    from debiaslab.data.side_tables import map_dataset
 
-    ds = ImageDataset.load(dataset_path)
     mapper = MinorityScoreMapper(str(checkpoint), settings, device)
-    out = np.empty(len(ds.ids), np.float32)
-    bar = progress_bar(total=len(ds.ids), desc="minority scores", unit="img",
-                       disable=not progress)
-    for start in range(0, len(ds.ids), batch_size):
-        rows = slice(start, start + batch_size)
-        batch = {"id": np.asarray(ds.ids[rows], dtype=object),
-                 "pixels": ds.images[rows].numpy(), "label": ds.labels[rows].numpy()}
-        out[rows] = mapper(batch)["score"]
-        bar.update(len(batch["id"]))
-    bar.close()
-    return list(ds.ids), out
+    ids, columns = map_dataset(dataset_path, mapper, ["score"], batch_size=batch_size,
+                               progress=progress, desc="minority scores")
+    return ids, columns["score"].astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------- the classes
@@ -508,52 +499,40 @@ CLASS_KEYS = ("minority.num_classes", "minority.val_ratio", "minority.class_cond
               "classifier.train.seed")
 
 
-def score_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
-    """Minority score of every training image with the frozen score model (§1.2): a Ray Data
-    map job by default (local backend: this process), written as side table <name>.mscore."""
-    from debiaslab.data.side_tables import read_side_table, write_side_table
-    from debiaslab.pipeline import log, on_ray
-    from debiaslab.recipes import StageOutput, make_artifact
+def _score_kwargs(cfg: ExperimentConfig, ctx: Any) -> dict[str, Any]:
+    import os
 
-    dataset = Path(ctx.inputs["dataset"].path)
-    checkpoint = Path(ctx.inputs["score_model"].path)
+    return {"checkpoint": ctx.inputs["score_model"].path, "settings": score_settings(cfg),
+            "device": cfg.train.device, "cache_dir": os.environ.get("DEBIASLAB_CACHE", "")}
+
+
+def _score_producer(cfg: ExperimentConfig, ctx: Any) -> dict[str, Any]:
+    return {"method": "minority_guidance", "checkpoint": ctx.inputs["score_model"].path,
+            "checkpoint_hash": ctx.inputs["score_model"].hash, **score_settings(cfg)}
+
+
+def _score_prepare(cfg: ExperimentConfig, ctx: Any) -> None:
+    """Checks the distance's options and fills the weights cache the actors read."""
+    from debiaslab.progress import log
+
     settings = score_settings(cfg)
-    name = score_table(cfg)
-    producer = {"method": "minority_guidance", "checkpoint": str(checkpoint),
-                "checkpoint_hash": ctx.inputs["score_model"].hash, **settings}
     log(f"minority scores: {settings['distance']} distance, n_iter {settings['n_iter']}, "
         f"t = {settings['t']} (step {settings['perturb_t']} of {settings['respacing']})")
-    if on_ray(cfg, "score"):
-        import os
+    build_distance(settings["distance"], settings["distance_options"])
 
-        import pyarrow as pa
 
-        from debiaslab.distributed.data import map_to_side_table
+def _score_schema() -> Any:
+    import pyarrow as pa
 
-        # built here first: checks the options and fills the weights cache the actors read
-        build_distance(settings["distance"], settings["distance_options"])
-        schema = pa.schema([("id", pa.string()), ("score", pa.float32())])
-        folder = map_to_side_table(
-            dataset, name, MinorityScoreMapper,
-            {"checkpoint": str(checkpoint), "settings": settings,
-             "device": cfg.train.device, "cache_dir": os.environ.get("DEBIASLAB_CACHE", "")},
-            schema, producer=producer, read_columns=["id", "image", "label"], decode=True,
-            concurrency=cfg.distributed.map_concurrency,
-            batch_size=cfg.distributed.map_batch_size,
-            num_cpus=cfg.distributed.map_num_cpus, num_gpus=cfg.distributed.map_num_gpus,
-            progress=ctx.progress)
-    else:
-        ids, scores = score_dataset_local(dataset, checkpoint, settings,
-                                          batch_size=cfg.distributed.map_batch_size,
-                                          device=cfg.train.device, progress=ctx.progress)
-        folder = write_side_table(dataset, name, ids, {"score": scores}, producer=producer)
-    scores = read_side_table(dataset, name, ["score"]).column("score")
-    metrics = {"minority/score_mean": float(np.mean(scores)),
-               "minority/score_std": float(np.std(scores))}
-    if ctx.tracker is not None:
-        ctx.tracker.log_metrics(metrics)
-    return StageOutput(artifacts={"scores": make_artifact("side_table", folder)},
-                       metrics=metrics)
+    return pa.schema([("id", pa.string()), ("score", pa.float32())])
+
+
+def _score_summary(cfg: ExperimentConfig, folder: Path) -> dict[str, float]:
+    from debiaslab.data.side_tables import read_side_table
+
+    scores = read_side_table(folder.parents[1], score_table(cfg), ["score"]).column("score")
+    return {"minority/score_mean": float(np.mean(scores)),
+            "minority/score_std": float(np.std(scores))}
 
 
 def classes_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
@@ -678,12 +657,14 @@ def check_config(cfg: ExperimentConfig) -> None:
 
 
 def _stages() -> tuple[Any, ...]:
-    from debiaslab.pipeline import CLASSIFIER_KEYS, diffusion_stages
+    from debiaslab.pipeline import CLASSIFIER_KEYS, diffusion_stages, side_table_stage
     from debiaslab.recipes import Stage
 
-    score = Stage("score", score_stage, inputs={"dataset": "dataset", "score_model": "checkpoint"},
-                  outputs={"scores": "side_table"}, keys=SCORE_KEYS, backend="ray",
-                  description="minority score of every training image (Ray Data)")
+    score = side_table_stage(
+        "score", output="scores", table=score_table, mapper=MinorityScoreMapper,
+        mapper_kwargs=_score_kwargs, schema=_score_schema, inputs={"score_model": "checkpoint"},
+        keys=SCORE_KEYS, producer=_score_producer, prepare=_score_prepare,
+        summary=_score_summary, description="minority score of every training image (Ray Data)")
     classes = Stage("classes", classes_stage, inputs={"dataset": "dataset",
                                                       "scores": "side_table"},
                     outputs={"classes": "side_table"}, keys=CLASS_KEYS,

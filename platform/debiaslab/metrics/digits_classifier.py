@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from debiaslab.checkpoints import save_checkpoint
 from debiaslab.data.digits import DIGITS_SIZE, load_digits_arrays
+from debiaslab.data.pixels import from_uint8
 from debiaslab.data.schema import ImageArrays, one_line
 from debiaslab.metrics.features import (
     EXTRACTORS,
-    PIXEL_HALF_RANGE,
     FeatureExtractor,
     default_device,
 )
 from debiaslab.progress import progress as progress_bar
-from debiaslab.training.checkpoint import save_checkpoint
 
 RECIPE_VERSION = "digits-cnn-v1"  # bump whenever the architecture or training changes
 DIGITS_SEED = 0
@@ -93,7 +93,7 @@ class DigitsNet(nn.Module):
 
 
 def _to_input(images_uint8: Tensor) -> Tensor:
-    return images_uint8.to(torch.float32) / PIXEL_HALF_RANGE - 1.0
+    return from_uint8(images_uint8)
 
 
 def stratified_holdout(labels: np.ndarray, fraction: float, seed: int

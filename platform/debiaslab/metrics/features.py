@@ -11,13 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from debiaslab.data.pixels import to_uint8
 from debiaslab.data.schema import one_line
 from debiaslab.errors import ConfigError, DataError
 from debiaslab.progress import progress as progress_bar
 from debiaslab.registry import Registry
 
-PIXEL_MAX = 255
-PIXEL_HALF_RANGE = 127.5  # [-1, 1] -> uint8 via round((x + 1) * 127.5)
 FLOAT_RANGE_TOLERANCE = 1e-3  # float inputs may overshoot [-1, 1] by this much (rounding noise)
 DEFAULT_BATCH_SIZE = 256
 IMAGE_NDIM = 4  # [N, C, H, W]
@@ -126,8 +125,7 @@ class FeatureExtractor:
     def _to_uint8(batch: Tensor) -> Tensor:
         if batch.dtype == torch.uint8:
             return batch
-        x = (batch.to(torch.float32) + 1.0) * PIXEL_HALF_RANGE
-        return x.round().clamp(0, PIXEL_MAX).to(torch.uint8)
+        return to_uint8(batch)
 
     # ------------------------------------------------------------------------ extraction
     def extract(

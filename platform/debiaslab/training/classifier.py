@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from debiaslab.config import ExperimentConfig, check_name, to_dict
+from debiaslab.data.pixels import from_uint8
 from debiaslab.diffusion.schedules import VPSchedule, build_schedule
 from debiaslab.errors import CheckpointError, ConfigError, DataError, describe_error
 from debiaslab.training.loop import (
@@ -127,7 +128,7 @@ class ClassifierData:
     def float_inputs(self, idx: Tensor) -> Tensor:
         """Rows ``idx`` as float: images in [-1, 1], features as stored."""
         x = self.inputs[idx]
-        return x.float() / 127.5 - 1.0 if self.kind == INPUT_IMAGES else x
+        return from_uint8(x) if self.kind == INPUT_IMAGES else x
 
     def rows_hash(self) -> str:
         """sha256 of what the rows mean: their indices, labels, class names, timesteps,
@@ -577,9 +578,9 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"
     the run had train.ema_decay > 0, else the model's. ``info``: net, model, shape,
     num_outputs, class_names, num_cond_classes, schedule, num_timesteps, input, time_input,
     label, features, timestep_range, ema, plus step and checkpoint."""
+    from debiaslab.checkpoints import load_checkpoint, resolve_checkpoint
     from debiaslab.config import from_saved_dict
     from debiaslab.nets import build_net
-    from debiaslab.training.checkpoint import load_checkpoint, resolve_checkpoint
 
     source = resolve_checkpoint(path)
     state = load_checkpoint(source, required=("model", "ema", "step", "classifier"))

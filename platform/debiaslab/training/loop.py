@@ -19,10 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from debiaslab.config import ExperimentConfig, to_dict
-from debiaslab.diffusion.losses import DiffusionLoss, build_loss
-from debiaslab.errors import CheckpointError, ConfigError, TrainingDiverged, describe_error
-from debiaslab.training.checkpoint import (
+from debiaslab.checkpoints import (
     TRAINER_KEYS,
     checkpoint_name,
     latest_checkpoint,
@@ -30,6 +27,9 @@ from debiaslab.training.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from debiaslab.config import ExperimentConfig, to_dict
+from debiaslab.diffusion.losses import DiffusionLoss, build_loss
+from debiaslab.errors import CheckpointError, ConfigError, TrainingDiverged, describe_error
 
 MetricsFn = Callable[[int, dict[str, float]], None]
 CheckpointFn = Callable[[int, Path], None]
@@ -235,7 +235,6 @@ class ScoreTask(TrainTask):
         return len(self.dataset.images)
 
     def build_model(self) -> nn.Module:
-        import debiaslab.methods  # noqa: F401  (registers the methods' losses and weightings)
         from debiaslab.data.augment import build_augment
 
         self.loss_fn: DiffusionLoss = self._loss if self._loss is not None else build_loss(self.cfg)
@@ -442,7 +441,7 @@ class Trainer:
     def initialize_from(self, path: str | Path) -> Path:
         """Fine-tuning: start from the weights (EMA by default, ``train.init_weights``) of
         another run's checkpoint; optimizer, schedule, EMA and step start fresh."""
-        from debiaslab.training.checkpoint import resolve_checkpoint
+        from debiaslab.checkpoints import resolve_checkpoint
 
         source = resolve_checkpoint(path)
         state = load_checkpoint(source, map_location=self.device)

@@ -24,20 +24,15 @@ from debiaslab.config import (
     to_dict,
 )
 from debiaslab.errors import CheckpointError
+from debiaslab.strict import flatten
 
 WORLD_SIZE_KEY = "distributed.num_workers"
 MAX_KEYS_SHOWN = 8
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and name not in ("diffusion.weighting_params",):
-            out.update(_flat(value, f"{name}."))
-        else:
-            out[name] = list(value) if isinstance(value, tuple) else value
-    return out
+def _flat(d: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys by the one flattening rule (strict.flatten), tuples as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(d).items()}
 
 
 def _compared(key: str) -> bool:
