@@ -61,3 +61,16 @@ def test_ray_workers_load_the_plugins_module_the_entry_points_use():
     from debiaslab import plugins
 
     assert plugins.load.__module__ == module
+
+
+# what a method module may import of the layers between it and the foundation: the declared
+# method API (debiaslab.methods.api) re-exports config, recipes and the shared stages
+METHOD_API = "methods.api"
+BEHIND_THE_API = ("config", "recipes", "pipeline", "records", "distributed")
+
+
+def test_methods_use_the_declared_api_not_the_engine_internals():
+    offenders = [f"{e.file}:{e.line}: {e.source} imports {e.target}" for e in edges()
+                 if e.source.startswith("methods.") and e.source != METHOD_API
+                 and e.target.split(".")[0] in BEHIND_THE_API]
+    assert not offenders, "\n".join(offenders)

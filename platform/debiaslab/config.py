@@ -17,6 +17,8 @@ from debiaslab.errors import ConfigError
 from debiaslab.registry import plugin_hint
 from debiaslab.strict import (  # noqa: F401  (apply_overrides, load_yaml: the config API)
     apply_overrides,
+    check_options,
+    check_registered,
     convert,
     from_mapping,
     load_yaml,
@@ -214,6 +216,10 @@ class ExperimentConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # the running stage's input artifacts, {artifact: {path, hash}}: bound by the recipe engine
+    # (recipes.bind_inputs), never written in a config file; so Ray workers and losses find
+    # what earlier stages produced (e.g. a discriminator the score model's loss reads)
+    inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     # method-owned top-level sections (register_section), by name; read one as cfg.<name>
     sections: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -390,10 +396,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("data.augment", cfg.data.augment, AUGMENTS),
     ] + [(f"sample.samplers[{i}]", s, SAMPLERS) for i, s in enumerate(cfg.sample.samplers)]
     for key, value, registry in checks:
-        if value not in registry:
-            raise ConfigError(
-                f"{key}: unknown {registry.kind} {value!r}; allowed: {', '.join(registry.names())}"
-            )
+        check_registered(key, value, registry)
     try:
         build_weighting(cfg.diffusion.weighting, **cfg.diffusion.weighting_params)
     except ConfigError as exc:
@@ -496,6 +499,9 @@ def check_name(key: str, value: str) -> None:
 
 def _validate_names_seeds_devices(cfg: ExperimentConfig) -> None:
     check_name("name", cfg.name)
+    if cfg.inputs:
+        raise ConfigError(f"inputs: set by the recipe engine for a running stage, not in a "
+                          f"config (got {', '.join(sorted(cfg.inputs))}); remove it")
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")
     seeds = {"train.seed": cfg.train.seed, "data.seed": cfg.data.seed,
@@ -585,12 +591,7 @@ def _validate_options(cfg: ExperimentConfig) -> None:
         if not isinstance(options, dict):
             raise ConfigError(f"sample.options.{sampler}: expected a mapping of option: value, "
                               f"got {options!r}")
-        allowed = sampler_options(sampler)
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ConfigError(f"sample.options.{sampler}: unknown option(s) "
-                              f"{', '.join(map(str, unknown))}; allowed: "
-                              f"{', '.join(sorted(allowed)) or '(none)'}")
+        check_options(f"sample.options.{sampler}", options, sampler_options(sampler))
 
 
 def absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

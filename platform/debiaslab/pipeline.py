@@ -18,8 +18,11 @@ GRID_COLUMNS = 10
 GRID_SCALE = 2  # 16x16 digits are easier to read enlarged
 
 
-def on_ray(cfg: ExperimentConfig, stage: str) -> bool:
-    """Whether ``stage`` runs on Ray (the recipe's rule, recipes.backend_of)."""
+def on_ray(cfg: ExperimentConfig, stage: str, backend: str | None = None) -> bool:
+    """Whether ``stage`` runs on Ray: ``backend`` when the caller knows it (a running stage's
+    StageContext.backend), else the recipe's rule (recipes.backend_of)."""
+    if backend is not None:
+        return backend == "ray"
     from debiaslab.recipes import backend_of
 
     return backend_of(cfg, stage) == "ray"
@@ -104,11 +107,11 @@ class StageResult:
     evaluations: dict[str, Any] = field(default_factory=dict)  # sampler -> Evaluation
 
 
-def resume_point(cfg: ExperimentConfig) -> Path | None:
+def resume_point(cfg: ExperimentConfig, backend: str | None = None) -> Path | None:
     """The checkpoint a training run of ``cfg`` would resume from (local or Ray storage)."""
     from debiaslab.checkpoints import latest_checkpoint, list_checkpoints
 
-    if not on_ray(cfg, "train"):
+    if not on_ray(cfg, "train", backend):
         return latest_checkpoint(cfg.run_dir / "checkpoints")
     from debiaslab.distributed.train import storage_path
 
@@ -120,13 +123,13 @@ def resume_point(cfg: ExperimentConfig) -> Path | None:
     return max(found)[1] if found else None
 
 
-def check_resumable(cfg: ExperimentConfig) -> dict[str, tuple]:
+def check_resumable(cfg: ExperimentConfig, backend: str | None = None) -> dict[str, tuple]:
     """Before any MLflow run is opened: refuse a resume that would change what the run means
     (training.resume); returns the changes train.resume_allow accepted."""
     from debiaslab.checkpoints import TRAINER_KEYS, load_checkpoint
     from debiaslab.training.resume import check_resume
 
-    latest = resume_point(cfg)
+    latest = resume_point(cfg, backend)
     if latest is None:
         return {}
     from debiaslab.data.schema import read_manifest
@@ -135,22 +138,24 @@ def check_resumable(cfg: ExperimentConfig) -> dict[str, tuple]:
     return check_resume(cfg, state, latest, read_manifest(train_data_path(cfg)).content_hash)
 
 
-def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) -> StageResult:
+def train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True,
+          backend: str | None = None) -> StageResult:
     """Train ``cfg`` on its built dataset in this process (Ray Train reuses the same Trainer),
     holding the run folder's lock; orphaned temp files of killed writers are removed first."""
     from debiaslab.runlock import run_lock
 
     with run_lock(cfg.run_dir):
-        return _train(cfg, tracker=tracker, progress=progress)
+        return _train(cfg, tracker=tracker, progress=progress, backend=backend)
 
 
-def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True) -> StageResult:
+def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True,
+           backend: str | None = None) -> StageResult:
     from debiaslab.checkpoints import remove_orphan_temps
     from debiaslab.training.loop import Trainer
     from debiaslab.training.resume import describe_changes
 
     dataset = load_training_data(cfg)
-    changes = check_resumable(cfg)
+    changes = check_resumable(cfg, backend)
     for path in remove_orphan_temps(cfg.run_dir / "checkpoints"):
         log(f"removed {path.name}, left by a writer that was killed")
     on_metrics: Callable[[int, dict[str, float]], None] | None = None
@@ -164,7 +169,7 @@ def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
-    if on_ray(cfg, "train"):
+    if on_ray(cfg, "train", backend):
         from debiaslab.distributed.train import train_distributed
 
         log(f"training on Ray Train: {cfg.distributed.num_workers} worker(s)")
@@ -190,9 +195,12 @@ def _train(cfg: ExperimentConfig, *, tracker: Any = None, progress: bool = True)
 
 def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, tracker: Any = None,
            out_dir: str | Path | None = None, progress: bool = True,
-           classifier: str | Path | None = None) -> StageResult:
+           classifier: str | Path | None = None,
+           artifacts: dict[str, str | Path] | None = None,
+           backend: str | None = None) -> StageResult:
     """Sample with every configured sampler and ``sample.guidance``; write images (Parquet)
-    and grids. ``classifier``: the checkpoint guidance entries with checkpoint "" use."""
+    and grids. ``artifacts``: the recipe's auxiliary models by artifact name, which guidance
+    entries with checkpoint "" use (``classifier``: shorthand for the "classifier" one)."""
     import numpy as np
     import torch
 
@@ -210,10 +218,10 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
     trained = load_trained(checkpoint or cfg.run_dir, use_ema=cfg.sample.use_ema,
                            device=cfg.train.device)
     s = cfg.sample
-    ray = on_ray(cfg, "sample")
+    ray = on_ray(cfg, "sample", backend)
     out = Path(out_dir) if out_dir else cfg.run_dir / "samples"
     seeds = list(range(s.seed_start, s.seed_start + s.num_samples))
-    guidance = resolve_guidance(cfg, classifier=classifier)
+    guidance = resolve_guidance(cfg, classifier=classifier, artifacts=artifacts)
     if guidance and tracker is not None:
         import json
 
@@ -429,7 +437,7 @@ def train_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
     """Train the score model (local Trainer or Ray Train, see recipes.backend_of)."""
     from debiaslab.recipes import StageOutput, make_artifact
 
-    result = train(cfg, tracker=ctx.tracker, progress=ctx.progress)
+    result = train(cfg, tracker=ctx.tracker, progress=ctx.progress, backend=ctx.backend)
     if result.checkpoint is None:
         raise DataError(f"{cfg.run_dir}: training wrote no checkpoint")
     return StageOutput(artifacts={"score_model": make_artifact("checkpoint", result.checkpoint)},
@@ -441,9 +449,10 @@ def sample_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
     from debiaslab.recipes import StageOutput, make_artifact
 
     out = cfg.run_dir / "samples"
-    classifier = ctx.inputs["classifier"].path if "classifier" in ctx.inputs else None
+    models = {k: a.path for k, a in ctx.inputs.items()  # the recipe's auxiliary models
+              if a.kind == "checkpoint" and k != "score_model"}
     result = sample(cfg, ctx.inputs["score_model"].path, tracker=ctx.tracker,
-                    progress=ctx.progress, out_dir=out, classifier=classifier)
+                    progress=ctx.progress, out_dir=out, artifacts=models, backend=ctx.backend)
     return StageOutput(artifacts={"samples": make_artifact("samples", out)},
                        metrics=dict(result.metrics), result=result)
 
@@ -465,9 +474,12 @@ def evaluate_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
                        metrics=metrics, result=result)
 
 
-def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
-    """Train the auxiliary classifier of ``cfg.classifier`` (run ``<name>.classifier``; Ray
-    Train by default), then validate it per timestep bucket on the held-out rows (plot)."""
+def train_aux_model(cfg: ExperimentConfig, ctx: Any, *, section: str = "classifier",
+                    name: str = "classifier", artifact: str = "classifier") -> Any:
+    """Train the auxiliary model of config section ``section`` (a classifier section) in its
+    own run ``<name>.<stage name>`` (Ray Train or this process, as ``ctx.backend`` says), then
+    validate it per timestep bucket on the held-out rows (plot). Output: checkpoint
+    ``artifact``."""
     from debiaslab.checkpoints import remove_orphan_temps
     from debiaslab.recipes import StageOutput, make_artifact
     from debiaslab.report import save_figure
@@ -481,25 +493,25 @@ def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
         validate_checkpoint,
     )
 
-    ccfg = classifier_experiment(cfg)
+    ccfg = classifier_experiment(cfg, section, run_suffix=name)
     tracker = ctx.tracker
     with run_lock(ccfg.run_dir):
         ccfg.run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(ccfg.run_dir / "config.yaml", dump_yaml(ccfg))
         for path in remove_orphan_temps(ccfg.run_dir / "checkpoints"):
             log(f"removed {path.name}, left by a writer that was killed")
-        if on_ray(cfg, "classifier"):
+        if ctx.backend == "ray":
             from debiaslab.distributed.train import train_distributed
             from debiaslab.training.factories import classifier_trainer
 
-            log(f"classifier on Ray Train: {cfg.distributed.num_workers} worker(s)")
+            log(f"{name} on Ray Train: {cfg.distributed.num_workers} worker(s)")
             dist = train_distributed(
                 ccfg, tracking_uri=tracker.tracking_uri if tracker is not None else None,
                 mlflow_run_id=tracker.run_id if tracker is not None else None,
                 trainer_factory=classifier_trainer)
             checkpoint = dist.checkpoint
             if checkpoint is None:
-                raise DataError(f"{dist.storage_dir}: the classifier run left no local "
+                raise DataError(f"{dist.storage_dir}: the {name} run left no local "
                                 f"checkpoint (remote storage is not supported for guidance)")
             evaluation = validate_checkpoint(ccfg, checkpoint, ccfg.train.device)
         else:
@@ -508,39 +520,50 @@ def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
             result = train_classifier(ccfg, load_classifier_data(ccfg), ccfg.run_dir,
                                       on_metrics=on_metrics, progress=ctx.progress)
             checkpoint, evaluation = result.train.checkpoint, result.evaluation
-    metrics = {f"classifier/{k}": v for k, v in evaluation_metrics(evaluation).items()}
+    metrics = {f"{name}/{k}": v for k, v in evaluation_metrics(evaluation).items()}
     plot = save_figure(plot_classifier_evaluation(
         evaluation, title=f"{ccfg.name}: validation per timestep"),
         ccfg.run_dir / "validation_per_timestep.png")
-    log(f"classifier validation accuracy {evaluation['accuracy_mean']:.3f} "
+    log(f"{name} validation accuracy {evaluation['accuracy_mean']:.3f} "
         f"(per bucket: {', '.join(f'{a:.2f}' for a in evaluation['accuracy'])})")
     if tracker is not None:
         tracker.log_metrics(metrics, step=ccfg.train.steps)
         tracker.log_artifact(plot, "plots")
         tracker.set_tag("checkpoint", str(checkpoint))
-    summary = {"classifier/val/accuracy": metrics["classifier/val/accuracy"]}
-    return StageOutput(artifacts={"classifier": make_artifact("checkpoint", checkpoint)},
+    summary = {f"{name}/val/accuracy": metrics[f"{name}/val/accuracy"]}
+    return StageOutput(artifacts={artifact: make_artifact("checkpoint", checkpoint)},
                        metrics=summary, result=StageResult(
-                           run_dir=ccfg.run_dir, artifacts={"classifier_validation": Path(plot)}))
+                           run_dir=ccfg.run_dir,
+                           artifacts={f"{name}_validation": Path(plot)}))
 
 
-CLASSIFIER_KEYS = ("classifier.", "diffusion.schedule", "diffusion.num_timesteps",
-                   "distributed.num_workers")
 
 
 def diffusion_stages(sample_inputs: dict[str, str] | None = None,
                      extra: tuple[Any, ...] = (), evaluate_inputs: dict[str, str] | None = None,
-                     evaluate_keys: tuple[str, ...] = ()) -> tuple[Any, ...]:
-    """data -> train -> [extra stages] -> sample -> evaluate; ``sample_inputs`` adds inputs of
-    the sample stage (e.g. a guidance classifier's checkpoint), ``evaluate_inputs`` and
-    ``evaluate_keys`` what the recipe's own evaluation (Recipe.evaluation) reads."""
+                     evaluate_keys: tuple[str, ...] = (), *, before_train: tuple[Any, ...] = (),
+                     train_inputs: dict[str, str] | None = None,
+                     train_keys: tuple[str, ...] = ()) -> tuple[Any, ...]:
+    """data -> [before_train] -> train -> [extra] -> sample -> evaluate.
+
+    ``before_train``: stages the score model's training reads (e.g. a discriminator its loss
+    uses), with ``train_inputs`` the artifacts the train stage takes from them (bound into its
+    config, ``cfg.inputs``, so Ray Train workers get them) and ``train_keys`` config keys that
+    define the model besides the training sections; ``extra``: stages between train and
+    sample; ``sample_inputs`` adds inputs of the sample stage (e.g. a guidance classifier's
+    checkpoint), ``evaluate_inputs`` and ``evaluate_keys`` what the recipe's own evaluation
+    (Recipe.evaluation) reads. The recipe checks that every input is produced earlier."""
     from debiaslab.recipes import Stage
 
+    extra_train_keys = tuple(train_keys)
     return (
         Stage("data", data_stage, outputs={"dataset": "dataset"}, keys=("data.",),
               description="build the (imbalanced) dataset"),
-        Stage("train", train_stage, inputs={"dataset": "dataset"},
-              outputs={"score_model": "checkpoint"}, keys=training_keys,
+        *before_train,
+        Stage("train", train_stage, inputs={"dataset": "dataset", **(train_inputs or {})},
+              outputs={"score_model": "checkpoint"},
+              keys=(lambda: training_keys() + extra_train_keys) if extra_train_keys
+              else training_keys,
               description="train the score model"),
         *extra,
         Stage("sample", sample_stage,
@@ -554,15 +577,37 @@ def diffusion_stages(sample_inputs: dict[str, str] | None = None,
     )
 
 
-def classifier_stage_spec() -> Any:
-    """The auxiliary classifier stage (noisy images or a feature table; Ray Train by default):
-    dataset -> checkpoint ``classifier``, run ``<name>.classifier``."""
+def aux_model_keys(section: str) -> tuple[str, ...]:
+    """What defines an auxiliary model trained on noisy images: its section, the forward process
+    it is noised with and the global batch split."""
+    return (f"{section}.", "diffusion.schedule", "diffusion.num_timesteps",
+            "distributed.num_workers")
+
+
+def aux_model_stage(name: str = "classifier", *, section: str | None = None,
+                    artifact: str | None = None, inputs: dict[str, str] | None = None,
+                    keys: tuple[str, ...] = (),
+                    configure: Callable[[ExperimentConfig], ExperimentConfig] | None = None,
+                    backend: str = "ray", description: str = "") -> Any:
+    """A stage that trains one auxiliary model (a classifier on noisy images or on a feature
+    table; Ray Train by default): config section ``section`` (default: the stage name), run
+    ``<name>.<stage name>``, output checkpoint ``artifact`` (default: the stage name), which
+    guidance entries name with ``artifact:``. A recipe may hold any number of them, anywhere
+    the data flow allows. ``configure``: adjusts the config first (e.g. binds the label column
+    of a side table an earlier stage wrote); ``keys``: config keys beyond the section's."""
     from debiaslab.recipes import Stage
 
-    return Stage("classifier", classifier_stage, inputs={"dataset": "dataset"},
-                 outputs={"classifier": "checkpoint"}, keys=CLASSIFIER_KEYS, backend="ray",
-                 run_suffix="classifier",
-                 description="train the auxiliary classifier of cfg.classifier")
+    section = section or name
+    artifact = artifact or name
+
+    def run(cfg: ExperimentConfig, ctx: Any) -> Any:
+        return train_aux_model(configure(cfg) if configure is not None else cfg, ctx,
+                               section=section, name=name, artifact=artifact)
+
+    return Stage(name, run, inputs={"dataset": "dataset", **(inputs or {})},
+                 outputs={artifact: "checkpoint"}, keys=aux_model_keys(section) + tuple(keys),
+                 backend=backend, run_suffix=name,  # type: ignore[arg-type]
+                 description=description or f"train the auxiliary model of cfg.{section}")
 
 
 def side_table_stage(name: str, *, output: str, table: Callable[[ExperimentConfig], str],

@@ -44,7 +44,8 @@ from debiaslab.records import (  # noqa: F401  (the record API, re-exported for 
     up_to_date,
     write_record,
 )
-from debiaslab.registry import Registry, plugin_hint
+from debiaslab.registry import Registry
+from debiaslab.strict import check_registered
 
 ArtifactKind = Literal["dataset", "side_table", "checkpoint", "samples", "evaluation"]
 ARTIFACT_KINDS = ("dataset", "side_table", "checkpoint", "samples", "evaluation")
@@ -57,9 +58,7 @@ RECIPES: Registry = Registry("recipe")
 @register_validator
 def check_recipe_name(cfg: ExperimentConfig) -> None:
     """config.validate's hook: ``recipe`` names a registered recipe."""
-    if cfg.recipe not in RECIPES:
-        raise ConfigError(f"recipe: unknown {RECIPES.kind} {cfg.recipe!r}; allowed: "
-                          f"{', '.join(RECIPES.names())}{plugin_hint()}")
+    check_registered("recipe", cfg.recipe, RECIPES)
 
 
 @dataclass
@@ -183,6 +182,14 @@ def resolve_backend(cfg: ExperimentConfig, stage: Stage) -> Backend:
     return stage.backend if setting == "auto" else setting  # type: ignore[return-value]
 
 
+def bind_inputs(cfg: ExperimentConfig, inputs: Mapping[str, Artifact]) -> ExperimentConfig:
+    """The config a stage runs with, holding its input artifacts (``cfg.inputs``): what Ray
+    workers receive and what a training stage's checkpoint records. The stage key already holds
+    the inputs' content hashes, so a new input re-runs the stage."""
+    bound = {k: {"path": a.path, "hash": a.hash} for k, a in sorted(inputs.items())}
+    return dataclasses.replace(cfg, inputs=bound)
+
+
 def stage_config(cfg: ExperimentConfig, stage: Stage) -> ExperimentConfig:
     """The config a stage runs with: its backend resolved (distributed.backend local or ray)."""
     backend = resolve_backend(cfg, stage)
@@ -264,7 +271,7 @@ def _walk(cfg: ExperimentConfig, recipe: Recipe, wanted: list[str], result: Reci
             raise ConfigError(f"stage {stage.name} needs {', '.join(missing)}; run the earlier "
                               f"stages of recipe {recipe.name} first")
         inputs = {k: result.outputs[k] for k in stage.inputs}
-        scfg = stage_config(cfg, stage)
+        scfg = bind_inputs(stage_config(cfg, stage), inputs)
         key = stage_key(stage, scfg, inputs)
         done = None if force else up_to_date(scfg, stage, key)
         if done is not None:

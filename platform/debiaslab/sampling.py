@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -77,36 +77,52 @@ def sample_labels(mode: str, num_classes: int, seeds: list[int]) -> Tensor | Non
     raise ConfigError(f"sample.labels: unknown mode {mode!r}; allowed: balanced, uniform, none")
 
 
-def classifier_checkpoint(cfg: ExperimentConfig | None, checkpoint: str,
-                          default: str | Path | None = None) -> Path:
-    """A guidance entry's classifier: the given file or run folder; for "" the classifier
-    stage's output (``default``, else the one its last run recorded, else its run folder
-    ``<output_dir>/runs/<name>.classifier``)."""
+def guidance_checkpoint(cfg: ExperimentConfig | None, checkpoint: str,
+                        artifact: str = "classifier",
+                        artifacts: Mapping[str, str | Path] | None = None) -> Path:
+    """A guidance entry's auxiliary model: the given file or run folder; for "" the recipe's
+    artifact ``artifact`` (the sample stage's input of that name in ``artifacts``, else the one
+    the run's stage records hold, else the auxiliary-model stage's run folder
+    ``<output_dir>/runs/<name>.<artifact>``)."""
     if checkpoint:
         return Path(checkpoint).expanduser().resolve()
-    if default is not None:
-        return Path(default).resolve()
+    if artifacts and artifacts.get(artifact) is not None:
+        return Path(artifacts[artifact]).resolve()
     if cfg is None:
-        raise ConfigError("sample.guidance classifier: give checkpoint: <file or run folder>")
+        raise ConfigError(f"sample.guidance: give checkpoint: <file or run folder> (no recipe "
+                          f"artifact {artifact!r} here)")
     from debiaslab.records import recorded_outputs
 
-    recorded = recorded_outputs(cfg).get("classifier")  # unreadable records are skipped
+    recorded = recorded_outputs(cfg).get(artifact)  # unreadable records are skipped
     if recorded:
         return Path(recorded)
-    return cfg.run_dir.with_name(f"{cfg.name}.classifier")
+    return cfg.run_dir.with_name(f"{cfg.name}.{artifact}")
+
+
+def classifier_checkpoint(cfg: ExperimentConfig | None, checkpoint: str,
+                          default: str | Path | None = None) -> Path:
+    """:func:`guidance_checkpoint` of the recipe's ``classifier`` artifact (``default``: the
+    sample stage's input)."""
+    return guidance_checkpoint(cfg, checkpoint, "classifier",
+                               None if default is None else {"classifier": default})
 
 
 def resolve_guidance(cfg: ExperimentConfig, entries: Any = None,
-                     classifier: str | Path | None = None) -> list[dict[str, Any]]:
-    """``sample.guidance`` with every field filled in and classifier checkpoints made absolute
-    (what is shipped to Ray workers and recorded with the samples); ``classifier`` is the
-    recipe's own classifier, used for entries with checkpoint ""."""
+                     classifier: str | Path | None = None,
+                     artifacts: Mapping[str, str | Path] | None = None) -> list[dict[str, Any]]:
+    """``sample.guidance`` with every field filled in and auxiliary-model checkpoints made
+    absolute (what is shipped to Ray workers and recorded with the samples). ``artifacts``: the
+    recipe's auxiliary models by artifact name, used for entries with checkpoint "" (each entry
+    names its artifact); ``classifier``: shorthand for ``artifacts={"classifier": ...}``."""
+    known = dict(artifacts or {})
+    if classifier is not None:
+        known.setdefault("classifier", classifier)
     out = []
     for entry in (cfg.sample.guidance if entries is None else entries):
         full = spec_fields(entry)
         if "checkpoint" in full:
-            full["checkpoint"] = str(classifier_checkpoint(cfg, str(full["checkpoint"]),
-                                                           classifier))
+            full["checkpoint"] = str(guidance_checkpoint(
+                cfg, str(full["checkpoint"]), str(full.get("artifact", "classifier")), known))
         out.append(full)
     return out
 

@@ -22,11 +22,34 @@ from debiaslab.errors import ConfigError
 from debiaslab.registry import plugin_hint
 
 
-def unknown(what: str, value: Any, allowed: Iterable[Any], *, none: str = "(none)") -> ConfigError:
+def unknown(what: str, value: Any, allowed: Iterable[Any], *,
+            none: str = "(none)") -> ConfigError:
     """The one message for a name or option that is not one of ``allowed``:
     ``<what>: unknown <value>; allowed: a, b, c``."""
     shown = ", ".join(str(a) for a in allowed) or none
     return ConfigError(f"{what}: unknown {value}; allowed: {shown}")
+
+
+def check_registered(key: str, value: Any, registry: Any) -> None:
+    """The one check of a configured name against a registry:
+    ``<key>: unknown <kind> 'value'; allowed: a, b`` (with the plugins hint while the method
+    plugins are not loaded)."""
+    if value not in registry:
+        error = unknown(key, f"{registry.kind} {value!r}", registry.names())
+        raise ConfigError(f"{error}{plugin_hint()}")
+
+
+def check_options(where: str, given: Iterable[Any], allowed: Iterable[Any], *,
+                  owner: str = "", key_in_path: bool = False) -> None:
+    """The one check of free-form option keys against what a component takes:
+    ``<where>: unknown option(s) a, b [of <owner>]; allowed: x, y`` (``(none)`` when it takes
+    none); ``key_in_path`` names the first unknown key in the path (``model.options.pool``)."""
+    allowed = list(allowed)
+    unknown_keys = sorted({str(k) for k in given} - {str(a) for a in allowed})
+    if unknown_keys:
+        path = f"{where}.{unknown_keys[0]}" if key_in_path else where
+        what = f"option(s) {', '.join(unknown_keys)}" + (f" of {owner}" if owner else "")
+        raise unknown(path, what, sorted(map(str, allowed)))
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -85,9 +85,12 @@ class GuidanceContext:
 
 @dataclass
 class ClassifierSpec:
-    """``{type: classifier, checkpoint, scale, target, form}``."""
+    """``{type: classifier, checkpoint, artifact, scale, target, form}``."""
 
     checkpoint: str = ""  # classifier checkpoint (file or run folder); "" = the recipe's own
+    # which of the recipe's auxiliary models checkpoint "" means: the artifact of that name
+    # (a recipe may train several: a minority classifier, a discriminator, ...)
+    artifact: str = "classifier"
     scale: float = 1.0
     target: int = BALANCED_TARGET  # class index; -1 = seed mod classes (balanced)
     # eps: eps' = eps - w sigma_t grad (DDIM, DPM-Solver, any sampler);

@@ -20,6 +20,7 @@ from debiaslab.diffusion.schedules import karras_sigmas
 from debiaslab.errors import ConfigError
 from debiaslab.progress import progress as progress_bar
 from debiaslab.registry import Registry
+from debiaslab.strict import check_options
 
 SamplerFn = Callable[..., Tensor]
 SAMPLERS: Registry[SamplerFn] = Registry("sampler")
@@ -376,11 +377,7 @@ def sample(
     ``callback`` is passed to every batch's run (its step index "i" restarts at 0 per batch).
     """
     fn = SAMPLERS.get(name)
-    allowed = sampler_options(name)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for sampler {name!r}; "
-                          f"allowed: {', '.join(sorted(allowed)) or '(none)'}")
+    check_options(f"sampler {name!r}", options, sampler_options(name))
     seeds = [int(s) for s in seeds]
     n = len(seeds)
     if n == 0:

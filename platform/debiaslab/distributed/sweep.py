@@ -57,7 +57,7 @@ class TrialOps:
     module never imports the orchestration layer above it."""
 
     train: Any  # (cfg, tracker=, progress=) -> result with .checkpoint and .metrics
-    sample: Any  # (cfg, checkpoint, out_dir=, progress=, classifier=) -> result with .artifacts
+    sample: Any  # (cfg, checkpoint, out_dir=, progress=, artifacts=) -> result with .artifacts
     evaluate_samples: Any  # (cfg, samples, extractor=, name=, out_dir=) -> Evaluation
     build_metric_extractor: Any  # (cfg) -> extractor
     reference_path: Any  # (cfg) -> Path
@@ -144,9 +144,25 @@ def _rung_sizes(total: int, rungs: int) -> list[int]:
     return [math.ceil(total * r / rungs) for r in range(1, rungs + 1)]
 
 
+def guidance_models(base: ExperimentConfig) -> dict[str, str]:
+    """{artifact: checkpoint} of the BASE experiment's auxiliary models that its guidance
+    entries with checkpoint "" use (each entry names its artifact): trials run under other
+    names, so they must get these from the base run."""
+    from debiaslab.diffusion.guidance import spec_fields
+    from debiaslab.sampling import guidance_checkpoint
+
+    out = {}
+    for entry in base.sample.guidance:
+        full = spec_fields(entry)
+        if "checkpoint" in full and not full["checkpoint"]:
+            artifact = str(full.get("artifact", "classifier"))
+            out[artifact] = str(guidance_checkpoint(base, "", artifact))
+    return out
+
+
 def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Path,
                          done: list[Any], upto: int, extractor: Any, ops: TrialOps,
-                         classifier: str = "") -> tuple[Any, Path]:
+                         models: dict[str, str] | None = None) -> tuple[Any, Path]:
     """Sample seeds [seed_start + len(done), seed_start + upto) with the first sampler, add them
     to ``done`` and evaluate all of them (the same seed range in every trial)."""
     from debiaslab.data.dataset import ImageDataset
@@ -159,7 +175,7 @@ def _sample_and_evaluate(cfg: ExperimentConfig, checkpoint: Path, trial_dir: Pat
             s, seed_start=s.seed_start + have, num_samples=upto - have, samplers=(sampler,)),
             distributed=dataclasses.replace(cfg.distributed, backend="local"))
         res = ops.sample(part, checkpoint, out_dir=trial_dir / f"samples-{have:06d}",
-                         progress=False, classifier=classifier or None)
+                         progress=False, artifacts=models or None)
         done.append(ImageDataset.load(res.artifacts[f"samples_{sampler}"]))
     images = np.concatenate([d.images.numpy() for d in done])
     labels = np.concatenate([d.labels.numpy() for d in done])
@@ -214,7 +230,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                 sample_upto = sizes[rung - 1]
             assert checkpoint is not None
             ev, grid = _sample_and_evaluate(cfg, checkpoint, trial_dir, done, sample_upto,
-                                            extractor, ops, ctx.get("classifier", ""))
+                                            extractor, ops, ctx.get("models"))
             metrics.update({f"eval/{k}": float(v) for k, v in ev.metrics.items()
                             if v is not None})
             tracker.log_metrics(metrics, step=rung)
@@ -278,11 +294,7 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
     checkpoint = _sampling_checkpoint(sweep, ops.inputs) if sweep.kind == "sampling" else ""
     base = sweep.base
     assert base is not None
-    classifier = ""  # guidance entries with checkpoint "" use the BASE experiment's classifier
-    if any(e.get("type") == "classifier" for e in base.sample.guidance):
-        from debiaslab.sampling import classifier_checkpoint
-
-        classifier = str(classifier_checkpoint(base, ""))
+    models = guidance_models(base)
     import ray
 
     started = False
@@ -292,14 +304,15 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
         started = True
     try:
         return _tune(sweep, str(Path(sweep_file).resolve()), list(overrides or []), checkpoint,
-                     progress, ops, classifier)
+                     progress, ops, models)
     finally:
         if started:
             shutdown_ray()
 
 
 def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint: str,
-          progress: bool, ops: TrialOps, classifier: str = "") -> SweepResult:
+          progress: bool, ops: TrialOps, models: dict[str, str] | None = None
+          ) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -332,7 +345,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                "sweep_name": sweep.name, "tracking_uri": tracking_uri,
                "experiment": experiment, "output_dir": str(Path(base.output_dir).resolve()),
                "parent_run_id": parent.run_id, "checkpoint": checkpoint, "ops": ops,
-               "classifier": classifier}
+               "models": dict(models or {})}
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": sweep.cpus_per_trial,
                                          "gpu": sweep.gpus_per_trial})

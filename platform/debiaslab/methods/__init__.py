@@ -4,8 +4,7 @@ The plain diffusion recipe (data -> train -> sample -> evaluate, pipeline.diffus
 registered here: it is the baseline every method is compared with.
 """
 
-from debiaslab.pipeline import diffusion_stages
-from debiaslab.recipes import Recipe, register_recipe
+from debiaslab.methods.api import Recipe, diffusion_stages, register_recipe
 
 register_recipe(Recipe(
     "diffusion", diffusion_stages(),

@@ -10,12 +10,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from debiaslab.config import register_section
-from debiaslab.diffusion.losses import LOSSES, DenoisingLoss, mean_per_sample
+from debiaslab.diffusion.losses import DenoisingLoss, mean_per_sample
 from debiaslab.errors import ConfigError
-from debiaslab.pipeline import diffusion_stages
-from debiaslab.recipes import Recipe, register_recipe, requires
-from debiaslab.registry import Registry
+from debiaslab.methods.api import (
+    LOSSES,
+    Recipe,
+    Registry,
+    diffusion_stages,
+    register_recipe,
+    register_section,
+    requires,
+)
+from debiaslab.strict import check_registered
 
 # Where y' comes from (docs/algorithms.md §4.2 FLAG): the official code uses the empirical training
 # label frequencies when training from scratch and the uniform prior when fine-tuning.
@@ -34,10 +40,8 @@ class CBDMConfig:
     affects_training = True  # part of the train stage's key and of the resume check
 
     def check(self, cfg: Any) -> None:
-        if self.target_distribution not in TARGET_DISTRIBUTIONS:
-            raise ConfigError(f"cbdm.target_distribution: unknown {TARGET_DISTRIBUTIONS.kind} "
-                              f"{self.target_distribution!r}; allowed: "
-                              f"{', '.join(TARGET_DISTRIBUTIONS.names())}")
+        check_registered("cbdm.target_distribution", self.target_distribution,
+                         TARGET_DISTRIBUTIONS)
         if self.tau < 0 or self.gamma < 0:
             raise ConfigError(f"cbdm.tau and cbdm.gamma must be >= 0, got {self.tau}, "
                               f"{self.gamma}")

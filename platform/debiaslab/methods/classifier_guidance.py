@@ -13,8 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from debiaslab.errors import ConfigError
-from debiaslab.pipeline import classifier_stage_spec, diffusion_stages
-from debiaslab.recipes import Recipe, register_recipe
+from debiaslab.methods.api import Recipe, aux_model_stage, diffusion_stages, register_recipe
 
 
 def check_config(cfg: Any) -> None:
@@ -30,7 +29,9 @@ def check_config(cfg: Any) -> None:
 register_recipe(Recipe(
     "classifier_guidance",
     diffusion_stages(sample_inputs={"classifier": "checkpoint"},
-                     extra=(classifier_stage_spec(),)),
+                     extra=(aux_model_stage(
+                         "classifier",
+                         description="train the auxiliary classifier of cfg.classifier"),)),
     check=check_config,
     description="Dhariwal & Nichol 2021: a noise-conditional classifier guides an "
                 "unconditional score model toward a target class"))

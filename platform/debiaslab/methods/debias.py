@@ -6,9 +6,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from debiaslab.diffusion.weighting import WEIGHTINGS, Weighting
-from debiaslab.pipeline import diffusion_stages
-from debiaslab.recipes import Recipe, register_recipe, requires
+from debiaslab.diffusion.weighting import Weighting
+from debiaslab.methods.api import WEIGHTINGS, Recipe, diffusion_stages, register_recipe, requires
 
 
 @WEIGHTINGS.register("debias")

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from debiaslab.config import ExperimentConfig, register_section
 from debiaslab.data.pixels import from_uint8, to_uint8
 from debiaslab.errors import ConfigError, DataError
-from debiaslab.registry import Registry
+from debiaslab.methods.api import ExperimentConfig, Registry, register_section
+from debiaslab.strict import check_options, check_registered
 
 SCORE_TABLE = "mscore"  # side tables <name>.mscore (column score) and <name>.mclass
 CLASS_TABLE = "mclass"  # (columns class, val)
@@ -61,9 +61,7 @@ class MinorityConfig:
     reference_top: float = 0.1  # minority reference: the real images in this top fraction
 
     def check(self, cfg: ExperimentConfig) -> None:
-        if self.distance not in DISTANCES:
-            raise ConfigError(f"minority.distance: unknown distance {self.distance!r}; allowed: "
-                              f"{', '.join(DISTANCES.names())}")
+        check_registered("minority.distance", self.distance, DISTANCES)
         for key in ("n_iter", "respacing", "images_per_forward"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"minority.{key}: must be >= 1, got {getattr(self, key)}")
@@ -135,7 +133,7 @@ def image_noise(seed: int, image_id: str, n_iter: int, shape: tuple[int, ...]) -
 # -------------------------------------------------------------------------------- distances
 
 
-DISTANCES: Registry[Any] = Registry("minority distance")
+DISTANCES: Registry[Any] = Registry("distance")
 
 
 class Distance:
@@ -145,11 +143,7 @@ class Distance:
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
-        unknown = sorted(set(options) - set(cls.options))
-        if unknown:
-            raise ConfigError(f"minority.distance_options: unknown option(s) "
-                              f"{', '.join(unknown)}; allowed: "
-                              f"{', '.join(cls.options) or '(none)'}")
+        check_options("minority.distance_options", options, cls.options)
 
     @classmethod
     def check_ready(cls, options: dict[str, Any]) -> None:
@@ -480,7 +474,7 @@ class CascadedClassifier(torch.nn.Module):
 
 
 def _register_net() -> None:
-    from debiaslab.nets import NETS
+    from debiaslab.methods.api import NETS
 
     if "cascaded_classifier" not in NETS:
         NETS.register("cascaded_classifier")(CascadedClassifier)
@@ -513,7 +507,7 @@ def _score_producer(cfg: ExperimentConfig, ctx: Any) -> dict[str, Any]:
 
 def _score_prepare(cfg: ExperimentConfig, ctx: Any) -> None:
     """Checks the distance's options and fills the weights cache the actors read."""
-    from debiaslab.progress import log
+    from debiaslab.methods.api import log
 
     settings = score_settings(cfg)
     log(f"minority scores: {settings['distance']} distance, n_iter {settings['n_iter']}, "
@@ -541,7 +535,7 @@ def classes_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
     and a histogram of the scores with the bin edges; side table <name>.mclass."""
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.data.side_tables import write_side_table
-    from debiaslab.recipes import StageOutput, make_artifact
+    from debiaslab.methods.api import StageOutput, make_artifact
     from debiaslab.training.classifier import stratified_split
 
     m = cfg.minority
@@ -578,13 +572,6 @@ def classifier_config(cfg: ExperimentConfig) -> ExperimentConfig:
     c = dataclasses.replace(cfg.classifier, label=f"side:{class_table(cfg)}.class",
                             val_fraction=cfg.minority.val_ratio)
     return dataclasses.replace(cfg, classifier=c)
-
-
-def classifier_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
-    """§1.4: p(l | x_t, t) trained with cross-entropy, t uniform over 0..T-1, on Ray Train."""
-    from debiaslab.pipeline import classifier_stage as train_classifier_stage
-
-    return train_classifier_stage(classifier_config(cfg), ctx)
 
 
 def minority_reference_rows(scores: np.ndarray, top: float) -> np.ndarray:
@@ -657,8 +644,7 @@ def check_config(cfg: ExperimentConfig) -> None:
 
 
 def _stages() -> tuple[Any, ...]:
-    from debiaslab.pipeline import CLASSIFIER_KEYS, diffusion_stages, side_table_stage
-    from debiaslab.recipes import Stage
+    from debiaslab.methods.api import Stage, aux_model_stage, diffusion_stages, side_table_stage
 
     score = side_table_stage(
         "score", output="scores", table=score_table, mapper=MinorityScoreMapper,
@@ -669,12 +655,10 @@ def _stages() -> tuple[Any, ...]:
                                                       "scores": "side_table"},
                     outputs={"classes": "side_table"}, keys=CLASS_KEYS,
                     description="L equal-frequency classes from the score quantiles")
-    classifier = Stage("classifier", classifier_stage,
-                       inputs={"dataset": "dataset", "classes": "side_table"},
-                       outputs={"classifier": "checkpoint"},
-                       keys=CLASSIFIER_KEYS + ("minority.val_ratio",), backend="ray",
-                       run_suffix="classifier",
-                       description="noise-conditional minority classifier (Ray Train)")
+    # §1.4: p(l | x_t, t) trained with cross-entropy, t uniform over 0..T-1, on Ray Train
+    classifier = aux_model_stage("classifier", inputs={"classes": "side_table"},
+                                 keys=("minority.val_ratio",), configure=classifier_config,
+                                 description="noise-conditional minority classifier (Ray Train)")
     return diffusion_stages(sample_inputs={"classifier": "checkpoint"},
                             extra=(score, classes, classifier),
                             evaluate_inputs={"scores": "side_table"},
@@ -682,7 +666,7 @@ def _stages() -> tuple[Any, ...]:
 
 
 def _register() -> None:
-    from debiaslab.recipes import Recipe, register_recipe
+    from debiaslab.methods.api import Recipe, register_recipe
 
     register_recipe(Recipe("minority_guidance", _stages(), check=check_config,
                            evaluation=minority_evaluation,

@@ -15,6 +15,7 @@ from debiaslab.nets.classifier import EncoderClassifier, MLPHead
 from debiaslab.nets.layers import timestep_embedding
 from debiaslab.nets.unet import HEditFn, UNet
 from debiaslab.registry import Registry
+from debiaslab.strict import check_options
 
 NETS: Registry = Registry("network")
 NETS.register("unet")(UNet)
@@ -35,11 +36,8 @@ def net_options(name: str) -> list[str]:
 
 def check_model_options(model: Any, where: str = "model") -> None:
     """One-line ConfigError for a ``<where>.options`` key the network does not take."""
-    allowed = net_options(model.net)
-    for key in model.options:
-        if key not in allowed:
-            raise ConfigError(f"{where}.options.{key}: not an option of net {model.net}; allowed: "
-                              f"{', '.join(allowed) or '(none)'}")
+    check_options(f"{where}.options", model.options, net_options(model.net),
+                  owner=f"net {model.net}", key_in_path=True)
 
 
 def is_classifier(name: str) -> bool:

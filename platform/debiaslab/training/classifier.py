@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from debiaslab.config import ExperimentConfig, check_name, to_dict
+from debiaslab.config import ClassifierConfig, ExperimentConfig, check_name, to_dict
 from debiaslab.data.pixels import from_uint8
 from debiaslab.diffusion.schedules import VPSchedule, build_schedule
 from debiaslab.errors import CheckpointError, ConfigError, DataError, describe_error
@@ -38,14 +38,23 @@ _EVAL_SEED_STRIDE = 1_000_003
 RESUME_COMPARED = ("input", "label", "features", "timestep_range", "class_names", "rows_hash")
 
 
-def classifier_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The classifier run's config: named ``<name>.classifier``, with ``classifier.model`` and
-    ``classifier.train`` as its model and train sections and everything else shared, so run
-    folders, Ray storage and resume checks work unchanged and never meet the score model's."""
-    name = f"{cfg.name}.{RUN_SUFFIX}"
+def classifier_experiment(cfg: ExperimentConfig, section: str = "classifier",
+                          run_suffix: str = RUN_SUFFIX) -> ExperimentConfig:
+    """An auxiliary model's run config: named ``<name>.<run_suffix>``, with config section
+    ``section`` (a ClassifierConfig: ``classifier``, or a method's own such as a discriminator)
+    as its ``classifier`` section and that section's ``model`` and ``train`` as its model and
+    train sections; everything else is shared, so run folders, Ray storage and resume checks work
+    unchanged and never meet the score model's or another auxiliary model's."""
+    name = f"{cfg.name}.{run_suffix}"
     check_name("name", name)
-    return dataclasses.replace(cfg, name=name, model=cfg.classifier.model,
-                               train=cfg.classifier.train)
+    aux = getattr(cfg, section)
+    if not isinstance(aux, ClassifierConfig):
+        raise ConfigError(f"{section}: an auxiliary model's section must be a classifier "
+                          f"section (model, train, label, input, ...), got {type(aux).__name__}")
+    if type(aux) is not ClassifierConfig:  # a method's subclass: the trainer reads the base part
+        aux = ClassifierConfig(**{f.name: getattr(aux, f.name)
+                                  for f in dataclasses.fields(ClassifierConfig)})
+    return dataclasses.replace(cfg, name=name, model=aux.model, train=aux.train, classifier=aux)
 
 
 # ------------------------------------------------------------------------------------ data

@@ -27,6 +27,10 @@ from debiaslab.errors import CheckpointError
 from debiaslab.strict import flatten
 
 WORLD_SIZE_KEY = "distributed.num_workers"
+# inputs.<artifact>.hash of a stage's bound inputs is compared (a new discriminator is another
+# run) when the current config has its inputs bound (a running stage), their paths never; the
+# dataset is compared by its content hash already
+INPUTS_PREFIX = "inputs."
 MAX_KEYS_SHOWN = 8
 
 
@@ -36,6 +40,8 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compared(key: str) -> bool:
+    if key.startswith(INPUTS_PREFIX):  # the stage's input artifacts: their content, not where
+        return key.endswith(".hash") and not key.startswith(f"{INPUTS_PREFIX}dataset.")
     if key in RESUME_COMPARED_DATA or key == WORLD_SIZE_KEY:
         return True
     return not any(key == p or (p.endswith(".") and key.startswith(p))
@@ -55,8 +61,9 @@ def config_differences(saved: dict[str, Any], current: ExperimentConfig) -> dict
     old[WORLD_SIZE_KEY], new[WORLD_SIZE_KEY] = _world_size(old), _world_size(new)
     defaults = _flat(to_dict(ExperimentConfig()))
     diffs = {}
+    bound = bool(current.inputs)  # unbound (a preflight, `debiaslab train`): not known yet
     for key in sorted(set(old) | set(new)):
-        if not _compared(key):
+        if not _compared(key) or (key.startswith(INPUTS_PREFIX) and not bound):
             continue
         # a key the checkpoint predates had its default value then
         before = old.get(key, defaults.get(key))

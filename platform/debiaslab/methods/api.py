@@ -1,0 +1,50 @@
+"""What a method module may use: the declared API for method authors.
+
+A method is one module in this package plus configs. It registers its own components and builds
+its recipe from these pieces only (never from the internals of pipeline, recipes or distributed):
+
+- config: :func:`register_section` (its typed ``<name>:`` section; ``affects_training`` and
+  ``check``), :func:`register_validator`, :class:`ExperimentConfig`, :class:`ClassifierConfig`
+  (the type of an auxiliary model's section);
+- recipes: :class:`Recipe`, :class:`Stage`, :class:`StageOutput`, :func:`register_recipe`,
+  :func:`requires`, :func:`make_artifact`, :func:`recorded_outputs`;
+- the shared stages: :func:`diffusion_stages` (data -> [before_train] -> train -> [extra] ->
+  sample -> evaluate), :func:`aux_model_stage` (any number of auxiliary models, each with its
+  section, run and artifact), :func:`side_table_stage` (a Ray Data or local map of the dataset to
+  side-table columns);
+- registries of the foundation: LOSSES, WEIGHTINGS, GUIDANCE, NETS, and :class:`Registry` for the
+  method's own;
+- :func:`log` for status lines, :func:`progress` for bars.
+
+docs/architecture.md lists where each kind of component registers.
+"""
+
+from debiaslab.config import (
+    ClassifierConfig,
+    ExperimentConfig,
+    register_section,
+    register_validator,
+    with_section,
+)
+from debiaslab.diffusion.guidance import GUIDANCE
+from debiaslab.diffusion.losses import LOSSES
+from debiaslab.diffusion.weighting import WEIGHTINGS
+from debiaslab.nets import NETS
+from debiaslab.pipeline import aux_model_stage, diffusion_stages, side_table_stage
+from debiaslab.progress import log, progress
+from debiaslab.recipes import (
+    Recipe,
+    Stage,
+    StageOutput,
+    make_artifact,
+    recorded_outputs,
+    register_recipe,
+    requires,
+)
+from debiaslab.registry import Registry
+
+__all__ = ["GUIDANCE", "LOSSES", "NETS", "WEIGHTINGS", "ClassifierConfig", "ExperimentConfig",
+           "Recipe", "Registry", "Stage", "StageOutput", "aux_model_stage", "diffusion_stages",
+           "log", "make_artifact", "progress", "recorded_outputs", "register_recipe",
+           "register_section", "register_validator", "requires", "side_table_stage",
+           "with_section"]
