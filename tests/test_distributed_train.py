@@ -200,6 +200,8 @@ def rank_loss_factory(log_dir: Path) -> Any:
             loss, grad_norm = train_step(batch)
             with open(log_dir / f"rank{trainer.rank}.log", "a") as fh:
                 fh.write(f"{trainer.step + 1} {loss!r}\n")
+            if trainer.step + 1 == trainer.cfg.train.steps:  # words: Ray folds repeated lines
+                print(f"{MARKER} {['first', 'second'][trainer.rank]} rank done", flush=True)
             return loss, grad_norm
 
         trainer.train_step = recorded
@@ -218,7 +220,12 @@ CLASSIFIER = ["classifier.model.net=encoder_classifier", "classifier.model.model
               "classifier.label=attr:even"]
 
 
-def test_classifier_ddp_on_ray_train_equals_one_process(ray_cluster, out_dir):
+NOISE = ("TrainingReport", "Moving model to device",
+         "Failed to query Ray Train Controller actor state")
+MARKER = "debiaslab-worker-line"
+
+
+def test_classifier_ddp_on_ray_train_equals_one_process(ray_cluster, out_dir, capfd):
     """The classifier trainer on Ray Train: 2 workers x 8 == 1 process x 16.
 
     Each rank's loss is the mean over its half of the global batch, so the mean of the two
@@ -244,6 +251,18 @@ def test_classifier_ddp_on_ray_train_equals_one_process(ray_cluster, out_dir):
                                trainer_factory=rank_loss_factory(log_dir))
     print(f"classifier DDP fit: {time.perf_counter() - t0:.1f}s")
     assert Path(result.storage_dir).name == "clf.classifier" and result.step == 6
+    # the driver's log holds the workers' own lines, and none of Ray Train's INFO lines or the
+    # placement-group cleaner's State API warnings (forwarded lines may lag the fit a little)
+    out, deadline = "", time.time() + 30
+    done = [f"{MARKER} first rank done", f"{MARKER} second rank done"]
+    while not all(d in out for d in done) and time.time() < deadline:
+        captured = capfd.readouterr()
+        out += captured.out + captured.err
+        time.sleep(0.5)
+    Path(out_dir / "clf-driver.log").write_text(out)
+    assert all(d in out for d in done), out[-2000:]
+    noisy = [line for line in out.splitlines() if any(n in line for n in NOISE)]
+    assert not noisy, noisy[:5]
     single = train_classifier(cfg, load_classifier_data(cfg), out_dir / "clf-single",
                               progress=False)
     ranks = []

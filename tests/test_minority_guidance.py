@@ -435,3 +435,27 @@ def test_cascaded_classifier_needs_a_trunk():
 
         CascadedClassifier(10)
     assert "options.trunk" in one_line(exc)
+
+
+def test_score_mapper_takes_read_only_batches_without_warnings(recipe_run):
+    """Ray Data hands map actors read-only arrays: no per-batch UserWarning, same scores."""
+    import warnings
+
+    import numpy as np
+
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.methods.minority_guidance import MinorityScoreMapper, score_settings
+
+    cfg, result = recipe_run
+    ds = ImageDataset.load(cfg.dataset_path)
+    pixels, labels = ds.images[:6].numpy(), ds.labels[:6].numpy()
+    batch = {"id": np.asarray(ds.ids[:6], dtype=object), "pixels": pixels.copy(),
+             "label": labels.copy()}
+    frozen = {"id": batch["id"], "pixels": pixels.copy(), "label": labels.copy()}
+    frozen["pixels"].flags.writeable = False
+    frozen["label"].flags.writeable = False
+    mapper = MinorityScoreMapper(str(result.checkpoint), score_settings(cfg), "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scores = mapper(frozen)["score"]
+    assert np.array_equal(scores, mapper(batch)["score"])

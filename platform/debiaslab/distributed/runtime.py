@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,11 +24,44 @@ RAY_ENV_DEFAULTS = {
 # other local users could still connect: export RAY_AUTH_MODE=token there (cluster/SECURITY.md).
 # Clusters use RAY_AUTH_MODE=token (cluster/SECURITY.md): joining one, we set nothing.
 LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
-# Every Ray worker process of ours (Train workers, Data actors, Tune trials) loads the method
-# plugins before it runs anything, as the driver's entry point did: Ray's
-# worker_process_setup_hook, named by its import path (a string: this layer never imports the
-# plugins module, which sits above it).
-SETUP_HOOK = "debiaslab.plugins.load"
+# Every Ray worker process of ours (Train workers, Data actors, Tune trials) runs
+# worker_setup() before anything else (Ray's worker_process_setup_hook): it quiets Ray's own
+# log noise and loads the method plugins, as the driver's entry point did. The plugins module
+# sits above this layer, so it is named by its import path, never imported here statically.
+SETUP_HOOK = "debiaslab.distributed.runtime.worker_setup"
+PLUGINS_LOADER = "debiaslab.plugins"  # its load() fills the registries
+
+# Ray Train's placement-group cleaner (a detached actor) asks the State API once a second
+# whether the controller is alive. Our local Ray runs without the dashboard's state module
+# (include_dashboard=False), so every query fails and logs this warning: noise, never a fault.
+STATE_API_NOISE = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",
+                   "Failed to query Ray Train Controller actor state")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_ray_logs() -> None:
+    """Drop the placement-group cleaner's State API warning in this process (only that
+    message: the cleaner's real warnings stay)."""
+    name, prefix = STATE_API_NOISE
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage(prefix))
+
+
+def worker_setup() -> None:
+    """Ray's worker_process_setup_hook for every worker process we start or submit to."""
+    import importlib
+
+    quiet_ray_logs()
+    importlib.import_module(PLUGINS_LOADER).load()
 
 
 def ray_env() -> dict[str, str]:

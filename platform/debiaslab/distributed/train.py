@@ -109,7 +109,7 @@ def train_distributed(
 
 def _fit(cfg: ExperimentConfig, tracking_uri: str | None, mlflow_run_id: str | None,
          trainer_factory: TrainerFactory) -> DistributedTrainResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from debiaslab.distributed.torch_loopback import LoopbackTorchConfig
@@ -136,6 +136,9 @@ def _fit(cfg: ExperimentConfig, tracking_uri: str | None, mlflow_run_id: str | N
             name=cfg.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=d.max_failures),
+            # Ray Train's own INFO lines ("Moving model to device", ...) stay in its log files;
+            # the driver's log gets our progress lines and real warnings
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()
@@ -164,6 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_report_lines()
     cfg = from_saved_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -198,6 +202,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         trainer.fit()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quiet_report_lines() -> None:
+    """Ray Train logs every ``ray.train.report`` ("Reporting training result N:
+    TrainingReport(...)") at INFO with a logger named by its file path, outside the ray.train
+    tree that LoggingConfig sets; Train configures worker logging before this function runs, so
+    the level set here holds."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray Train layout: LoggingConfig covers what it can
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 STAGING_PREFIX = "debiaslab-"

@@ -313,9 +313,12 @@ class MinorityScoreMapper:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         s = self.settings
         ids = [str(i) for i in batch["id"]]
-        pixels = torch.from_numpy(np.ascontiguousarray(batch["pixels"]))
+        # Ray hands the batch's arrays over read-only (zero copy): copy only then, so torch
+        # never wraps a non-writable array (a UserWarning at every batch)
+        pixels = torch.from_numpy(np.require(batch["pixels"], requirements=["C", "W"]))
         x0 = from_uint8(pixels)
-        labels = torch.as_tensor(np.asarray(batch["label"], dtype=np.int64))
+        labels = torch.from_numpy(np.require(np.asarray(batch["label"], dtype=np.int64),
+                                             requirements=["C", "W"]))
         conditional = self.trained.num_classes > 0 and self.trained.cfg.model.class_conditional
         scores = np.empty(len(ids), np.float32)
         step = int(s["images_per_forward"])
