@@ -260,3 +260,40 @@ def test_frozen_modules_of_a_loss_stay_out_of_training_and_checkpoints(tmp_path,
     first = trainer(3, "split").fit()
     rest = trainer(6, "split").fit()
     assert {**first.losses, **rest.losses} == full.losses
+
+
+def _flip_a_weight_byte(path: Path) -> None:
+    """Flip one byte inside the largest tensor's stored bytes (the zip's data record)."""
+    state = load_checkpoint(path)
+    biggest = max(state["model"].values(), key=lambda t: t.numel())
+    raw = biggest.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    data = bytearray(path.read_bytes())
+    at = data.find(raw)
+    assert at > 0
+    data[at + len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_checkpoint_bytes_are_caught_and_resume_falls_back(tmp_path, digits_lt, capsys):
+    from debiaslab.checkpoints import CheckpointCorrupt, list_checkpoints
+
+    full = Trainer(tiny_cfg(tmp_path / "a", "train.steps=6"), digits_lt, tmp_path / "a",
+                   progress=False).fit()
+    cfg = tiny_cfg(tmp_path / "b", "train.steps=4", "train.checkpoint_every=2",
+                   "train.keep_checkpoints=2")
+    Trainer(cfg, digits_lt, tmp_path / "b", progress=False).fit()
+    (_, older), (_, newest) = list_checkpoints(tmp_path / "b" / "checkpoints")
+    _flip_a_weight_byte(newest)
+    with pytest.raises(CheckpointCorrupt) as exc:
+        load_checkpoint(newest)
+    message = str(exc.value)
+    assert str(newest) in message and "changed on disk" in message and "\n" not in message
+    capsys.readouterr()
+    resumed = Trainer(tiny_cfg(tmp_path / "b", "train.steps=6", "train.checkpoint_every=2",
+                               "train.keep_checkpoints=2"), digits_lt, tmp_path / "b",
+                      progress=False).fit()
+    out = capsys.readouterr().out
+    assert newest.name in out and "falling back" in out
+    assert sorted(resumed.losses) == [3, 4, 5, 6]  # from the intact step-2 checkpoint
+    a, b = load_checkpoint(full.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -217,8 +217,8 @@ class ExperimentConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # the running stage's input artifacts, {artifact: {path, hash}}: bound by the recipe engine
-    # (recipes.bind_inputs), never written in a config file; so Ray workers and losses find
-    # what earlier stages produced (e.g. a discriminator the score model's loss reads)
+    # (recipes.bind_inputs; load_config drops a file's), so Ray workers and losses find what
+    # earlier stages produced (e.g. a discriminator the score model's loss reads)
     inputs: dict[str, dict[str, str]] = field(default_factory=dict)
     # method-owned top-level sections (register_section), by name; read one as cfg.<name>
     sections: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -367,6 +367,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 ) -> ExperimentConfig:
     """Load an experiment YAML (or the defaults), apply overrides, validate types and names."""
     raw = load_yaml(path) if path else {}
+    # a run folder's config.yaml records the stage's bound inputs; they are bound afresh for
+    # every stage (recipes.bind_inputs), so a config file's are dropped, never trusted
+    raw = {k: v for k, v in raw.items() if k != "inputs"}
     cfg = from_dict(apply_overrides(raw, overrides or []))
     validate(cfg)
     return cfg
@@ -499,9 +502,6 @@ def check_name(key: str, value: str) -> None:
 
 def _validate_names_seeds_devices(cfg: ExperimentConfig) -> None:
     check_name("name", cfg.name)
-    if cfg.inputs:
-        raise ConfigError(f"inputs: set by the recipe engine for a running stage, not in a "
-                          f"config (got {', '.join(sorted(cfg.inputs))}); remove it")
     if not cfg.output_dir.strip():
         raise ConfigError("output_dir: must not be empty")
     seeds = {"train.seed": cfg.train.seed, "data.seed": cfg.data.seed,

@@ -109,10 +109,10 @@ class StageResult:
 
 def resume_point(cfg: ExperimentConfig, backend: str | None = None) -> Path | None:
     """The checkpoint a training run of ``cfg`` would resume from (local or Ray storage)."""
-    from debiaslab.checkpoints import latest_checkpoint, list_checkpoints
+    from debiaslab.checkpoints import latest_intact_checkpoint, list_checkpoints
 
     if not on_ray(cfg, "train", backend):
-        return latest_checkpoint(cfg.run_dir / "checkpoints")
+        return latest_intact_checkpoint(cfg.run_dir / "checkpoints")
     from debiaslab.distributed.train import storage_path
 
     storage = storage_path(cfg)

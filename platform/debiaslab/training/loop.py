@@ -23,6 +23,7 @@ from debiaslab.checkpoints import (
     TRAINER_KEYS,
     checkpoint_name,
     latest_checkpoint,
+    latest_intact_checkpoint,
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
@@ -457,8 +458,11 @@ class Trainer:
         return source
 
     def resume(self) -> Path | None:
-        """Continue from the newest checkpoint in ``run_dir/checkpoints`` if there is one."""
-        latest = latest_checkpoint(self.ckpt_dir)
+        """Continue from the newest intact checkpoint in ``run_dir/checkpoints`` if there is one
+        (a newer one whose bytes changed on disk is skipped, and said so)."""
+        from debiaslab.progress import log
+
+        latest = latest_intact_checkpoint(self.ckpt_dir, log=log)
         if latest is not None:
             self.load_state_dict(load_checkpoint(latest, map_location=self.device,
                                                  required=TRAINER_KEYS), latest)
