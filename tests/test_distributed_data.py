@@ -39,11 +39,30 @@ TENSOR_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
                            pa.field("brightness", pa.float32(), nullable=False)])
 
 
+PLUGIN = "batch_guidance_plugin"  # tests/batch_guidance_plugin.py: a batch-dependent guidance
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
-    # actors unpickle this module's mapper classes by value (the test module is not importable)
-    with local_ray(sys.modules[__name__], ray_tmp=RAY_TMP):
-        yield
+    # actors unpickle this module's mapper classes by value (the test module is not importable);
+    # the workers load the test plugin as a user's own method module (DEBIASLAB_PLUGINS)
+    import importlib
+    import os
+
+    importlib.import_module(PLUGIN)  # the driver's registry (plugins.load already ran here)
+    tests_dir = str(Path(__file__).resolve().parent)
+    saved = {k: os.environ.get(k) for k in ("DEBIASLAB_PLUGINS", "PYTHONPATH")}
+    os.environ["DEBIASLAB_PLUGINS"] = PLUGIN
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, saved["PYTHONPATH"]]))
+    try:
+        with local_ray(sys.modules[__name__], ray_tmp=RAY_TMP):
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +171,27 @@ def test_sample_job_images_depend_only_on_seeds(ray_cluster, tiny_checkpoint, tm
     uint8 = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     assert pngs == [encode_png(img) for img in uint8]
     assert labels == y.tolist()
+
+
+def test_batch_guidance_gives_the_same_images_on_ray_and_locally(ray_cluster, tiny_checkpoint,
+                                                                 tmp_path):
+    """The Ray sampling path batches the seeds as the local path does (sample.batch_size), so a
+    guidance that depends on the whole batch gives byte-identical images on both."""
+    from debiaslab.pipeline import sample
+
+    def run(backend: str, batch: int) -> np.ndarray:
+        cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "sample.samplers=[ddim]",
+                                        "sample.num_samples=8", f"sample.batch_size={batch}",
+                                        f"sample.steps={SAMPLE_STEPS}", "sample.seed_start=3",
+                                        "sample.guidance=[{type: batch_mean, scale: 0.5}]",
+                                        f"distributed.backend={backend}"])
+        out = tmp_path / f"{backend}-{batch}"
+        sample(cfg, tiny_checkpoint, out_dir=out, progress=False, backend=backend)
+        return ImageDataset.load(out / "ddim").images.numpy()
+
+    local = run("local", 4)
+    assert np.array_equal(run("ray", 4), local)
+    assert not np.array_equal(run("local", 8), local)  # the guidance does depend on the batch
 
 
 def test_extract_command_writes_features(ray_cluster, digits_dir, tmp_path, capsys):

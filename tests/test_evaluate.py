@@ -184,3 +184,28 @@ def test_sample_classes_map_to_the_reference_by_name(setup, tmp_path):
     message = str(exc.value)
     assert "\n" not in message and str(folder) in message and "'eleven'" in message
     assert "'zero', 'one'" in message and "'seven'," not in message.split("reference")[0]
+
+
+def test_table_flags_estimators_unreliable_at_the_sample_count():
+    """KID is shown with its spread (its unbiased estimate goes negative when nothing is
+    detectable) and hidden at tiny counts; per-class FID from fewer samples per class than
+    feature dimensions is marked and footnoted."""
+    from debiaslab.metrics.evaluate import Evaluation
+    from debiaslab.pipeline import KID_MIN_SAMPLES, eval_notes, eval_row
+
+    def ev(n: int, per_class: int) -> Evaluation:
+        return Evaluation(metrics={"fid": 50.0, "kid": -0.0123, "kid_std": 0.02,
+                                   "head_fid": 300.0, "tail_fid": 400.0},
+                          per_class=[{"class": c, "n_fake": per_class} for c in range(10)],
+                          meta={"num_samples": n, "feature_dim": 64})
+
+    small = eval_row("a", ev(100, 10))
+    assert small["kid"] == "-0.0123 ± 0.02" and small["fid"] == 50.0
+    assert small["head_fid"] == "300*" and small["tail_fid"] == "400*"
+    notes = eval_notes([ev(100, 10)])
+    assert any("no difference is detectable" in n for n in notes)
+    assert any("as few as 10 samples per class" in n and "64 feature dimensions" in n
+               for n in notes)
+    assert eval_row("b", ev(KID_MIN_SAMPLES - 1, 10))["kid"].startswith("n/a")
+    plenty = eval_row("c", ev(1000, 100))
+    assert plenty["head_fid"] == 300.0 and not any("*" in n for n in eval_notes([ev(1000, 100)]))

@@ -90,6 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from debiaslab.config import to_dict
     from debiaslab.pipeline import (
         EVAL_TABLE_COLUMNS,
+        eval_notes,
         eval_row,
         evaluate_samples,
         reference_path,
@@ -117,12 +118,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if key.startswith("samples_"):
                 sample_sets[key[len("samples_"):]] = path
 
+    evaluations = []
+
     def run(tracker=None) -> list[dict]:
         rows = []
         for name, samples in sample_sets.items():
             ev = evaluate_samples(cfg, samples, tracker=tracker, name=name, progress=True,
                                   out_dir=args.out)
             rows.append(eval_row(name, ev))
+            evaluations.append(ev)
             print(f"{name}: extractor {ev.meta['extractor']}, reference "
                   f"{ev.meta['reference_name']} ({ev.meta['reference_images']} images)")
         return rows
@@ -137,6 +141,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         rows = run()
     print(format_table(rows, EVAL_TABLE_COLUMNS))
+    for note in eval_notes(evaluations):
+        print(f"  {note}")
     return 0
 
 

@@ -404,8 +404,51 @@ def recipe_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any, ev: A
     ev.meta.update(meta)
 
 
+KID_MIN_SAMPLES = 50  # below it the table shows no KID: its estimate is mostly variance
+PER_CLASS_FID = ("head_fid", "tail_fid")
+
+
 def eval_row(label: str, ev: Any) -> dict[str, Any]:
-    return {"samples": label, **{k: ev.metrics.get(k) for k in EVAL_TABLE_COLUMNS[1:]}}
+    """One row of the evaluation table. Estimators that are unreliable at the sample count are
+    flagged, not printed bare (eval_notes explains the marks): KID as mean ± std (its unbiased
+    estimate goes below 0 when no difference is detectable), hidden below KID_MIN_SAMPLES;
+    per-class FID marked ``*`` when a class has fewer samples than feature dimensions."""
+    row: dict[str, Any] = {"samples": label,
+                           **{k: ev.metrics.get(k) for k in EVAL_TABLE_COLUMNS[1:]}}
+    n = ev.meta.get("num_samples")
+    if row.get("kid") is not None:
+        std = ev.metrics.get("kid_std")
+        if n is not None and n < KID_MIN_SAMPLES:
+            row["kid"] = f"n/a (n<{KID_MIN_SAMPLES})"
+        elif std is not None:
+            row["kid"] = f"{row['kid']:.3g} ± {std:.2g}"
+    if _few_per_class(ev):
+        for key in PER_CLASS_FID:
+            if row.get(key) is not None:
+                row[key] = f"{row[key]:.4g}*"
+    return row
+
+
+def _few_per_class(ev: Any) -> tuple[int, int] | None:
+    """(fewest samples of a class, feature dimensions) when the first is below the second."""
+    dim = ev.meta.get("feature_dim")
+    counts = [int(r["n_fake"]) for r in getattr(ev, "per_class", []) or [] if r.get("n_fake")]
+    if dim and counts and min(counts) < dim:
+        return min(counts), int(dim)
+    return None
+
+
+def eval_notes(evaluations: Any) -> list[str]:
+    """The footnotes of the table's marks, for the evaluations that have them."""
+    notes = ["kid: unbiased MMD^2 estimate, mean ± std over subsets; values at or below 0 mean "
+             "no difference is detectable at this sample count"]
+    few = [f for f in (_few_per_class(ev) for ev in evaluations) if f]
+    if few:
+        n, dim = min(few)
+        notes.append(f"*: per-class FID from as few as {n} samples per class, fewer than the "
+                     f"{dim} feature dimensions (singular covariance): biased high; compare "
+                     f"only at equal sample counts")
+    return notes
 
 
 # ------------------------------------------------------------------------------------ stages
@@ -734,7 +777,8 @@ def evaluate_run(cfg: ExperimentConfig, result: StageResult, *, tracker: Any = N
     rows = [eval_row(f"{cfg.name}/{n}", ev) for n, ev in result.evaluations.items()]
     log(f"evaluation ({extractor.name} features vs "
         f"{next(iter(result.evaluations.values())).meta['reference_name']}):\n"
-        + format_table(rows, EVAL_TABLE_COLUMNS))
+        + format_table(rows, EVAL_TABLE_COLUMNS) + "\n"
+        + "\n".join(f"  {note}" for note in eval_notes(result.evaluations.values())))
 
 
 # ------------------------------------------------------------------------------------ sweeps

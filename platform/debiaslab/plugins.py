@@ -10,18 +10,22 @@ weightings, guidance, distances, nets. Nothing below ``debiaslab.methods`` impor
   starts or joins Ray).
 
 Other packages add methods through the ``debiaslab.plugins`` entry-point group: each entry names a
-module that registers its components on import, like the built-in ones.
+module that registers its components on import, like the built-in ones. A module of one's own,
+not packaged, is named in the ``DEBIASLAB_PLUGINS`` environment variable (comma-separated module
+names, importable on the Python path of the driver and of the Ray workers).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from importlib.metadata import entry_points
 
 from debiaslab.errors import ConfigError
 from debiaslab.registry import mark_plugins_loaded, plugins_loaded
 
 ENTRY_POINT_GROUP = "debiaslab.plugins"
+ENV_VAR = "DEBIASLAB_PLUGINS"
 
 
 def load() -> None:
@@ -36,4 +40,10 @@ def load() -> None:
         except ImportError as exc:
             raise ConfigError(f"plugin {entry.name!r} ({entry.value}): cannot be imported "
                               f"({exc}); install it or remove it") from None
+    for name in filter(None, (n.strip() for n in os.environ.get(ENV_VAR, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"{ENV_VAR}: module {name!r} cannot be imported ({exc}); put it "
+                              f"on the Python path or remove it") from None
     mark_plugins_loaded()

@@ -9,6 +9,7 @@ from debiaslab.pipeline import (
     EVAL_TABLE_COLUMNS,
     REPO_ROOT,
     StageResult,
+    eval_notes,
     eval_row,
     log,
     run_experiment,
@@ -54,6 +55,8 @@ def quickstart(output_dir: str | Path = "outputs/quickstart", overrides: list[st
     print("\nevaluation (" + describe_protocol(results) + "):")
     print(format_table([eval_row(f"{n}/{s}", ev) for n, r in results.items()
                         for s, ev in r.evaluations.items()], EVAL_TABLE_COLUMNS))
+    for note in eval_notes([ev for r in results.values() for ev in r.evaluations.values()]):
+        print(f"  {note}")
     print(f"  MLflow tracking URI: {uri}")
     print(f"  browse the runs: {ui_hint(uri)}")
     return results

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 
+from debiaslab import plugins
 from debiaslab.config import load_config
 from debiaslab.diffusion.denoiser import VPDenoiser
 from debiaslab.diffusion.guidance import GuidanceContext, build_guidance
 from debiaslab.diffusion.samplers import sample
 from debiaslab.diffusion.schedules import build_schedule
 from debiaslab.nets import build_net
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/experiments/digits_classifier_guidance.yaml"

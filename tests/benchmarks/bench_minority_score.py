@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from debiaslab import plugins
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.data.schema import read_manifest
@@ -27,6 +28,8 @@ from debiaslab.distributed import data as dd
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
 from debiaslab.methods.minority_guidance import MinorityScoreMapper, score_settings
 from debiaslab.training.loop import Trainer
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/experiments/digits_minority_guidance.yaml"

@@ -18,10 +18,13 @@ from typing import Any
 
 import torch
 
+from debiaslab import plugins
 from debiaslab.config import ExperimentConfig, load_config
 from debiaslab.distributed.runtime import init_ray, ray_env, shutdown_ray
 from debiaslab.pipeline import build_data, load_training_data
 from debiaslab.training.loop import Trainer
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 
 MODEL = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[]",
          "model.head_channels=16", "train.device=cpu", "train.warmup_steps=5"]

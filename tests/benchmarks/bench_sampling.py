@@ -13,10 +13,13 @@ from pathlib import Path
 
 import torch
 
+from debiaslab import plugins
 from debiaslab.config import load_config
 from debiaslab.diffusion.losses import build_loss
 from debiaslab.diffusion.samplers import sample
 from debiaslab.training.loop import build_net
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 
 ROOT = Path(__file__).resolve().parents[2]
 

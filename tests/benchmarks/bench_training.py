@@ -16,11 +16,14 @@ from pathlib import Path
 
 import torch
 
+from debiaslab import plugins
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.data.sources import build_dataset
 from debiaslab.diffusion.schedules import build_schedule
 from debiaslab.training.loop import Trainer, build_net
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from debiaslab import plugins
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.pipeline import (
@@ -30,6 +31,8 @@ from debiaslab.pipeline import (
 )
 from debiaslab.report import save_image_grid
 from debiaslab.sampling import classifier_checkpoint
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/experiments/digits_classifier_guidance.yaml"

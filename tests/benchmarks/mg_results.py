@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from debiaslab import plugins
 from debiaslab.compare import Summary
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
@@ -33,6 +34,8 @@ from debiaslab.pipeline import build_metric_extractor, evaluate_samples, sample,
 from debiaslab.recipes import recorded_outputs
 from debiaslab.report import save_image_grid
 from debiaslab.sampling import classifier_checkpoint
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs/experiments/digits_minority_guidance.yaml"

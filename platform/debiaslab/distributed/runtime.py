@@ -30,6 +30,7 @@ LOCAL_RAY_ENV = {"RAY_AUTH_MODE": "disabled"}
 # sits above this layer, so it is named by its import path, never imported here statically.
 SETUP_HOOK = "debiaslab.distributed.runtime.worker_setup"
 PLUGINS_LOADER = "debiaslab.plugins"  # its load() fills the registries
+PLUGINS_ENV = "DEBIASLAB_PLUGINS"  # plugins.ENV_VAR: module names its load() imports too
 
 # Ray Train's placement-group cleaner (a detached actor) asks the State API once a second
 # whether the controller is alive. Our local Ray runs without the dashboard's state module
@@ -116,6 +117,8 @@ def init_ray(address: str = "", *, object_store_memory_gb: float = 2.0,
         return ray
     address = address or os.environ.get("RAY_ADDRESS", "")  # set inside `ray job submit` jobs
     env: dict[str, Any] = {"env_vars": dict(ray_env()), "worker_process_setup_hook": SETUP_HOOK}
+    if os.environ.get(PLUGINS_ENV):  # a user's own method modules, for the workers too
+        env["env_vars"][PLUGINS_ENV] = os.environ[PLUGINS_ENV]
     if not address:
         for key, value in LOCAL_RAY_ENV.items():
             env["env_vars"][key] = os.environ.setdefault(key, value)

@@ -239,7 +239,8 @@ def evaluate(samples: SampleSet, reference_dir: str | Path, extractor: Any, *, k
         "extractor": extractor.name, "reference": str(reference_dir),
         "reference_name": ref.name, "reference_hash": ref.content_hash,
         "reference_images": int(len(ref.features)), "samples": samples.source,
-        "num_samples": int(len(fake)), "k": k, "lof_k": lof_k, "bootstrap": bootstrap,
+        "num_samples": int(len(fake)), "feature_dim": int(fake.shape[1]), "k": k,
+        "lof_k": lof_k, "bootstrap": bootstrap,
         "per_class_labels": label_source if labels is not None else None,
         "undefined_metrics": undefined,
     }
