@@ -320,7 +320,17 @@ BUILD_CASES = {
     "unet": ((1, SIZE, SIZE), (BATCH, 5, SIZE, SIZE)),  # num_outputs: output channels
     "encoder_classifier": ((3, SIZE, SIZE), (BATCH, 5)),
     "mlp_head": ((6, 2, 2), (BATCH, 5)),
+    "cascaded_classifier": ((1, SIZE, SIZE), (BATCH, 5)),  # a head on a trunk's 4x4 features
 }
+
+
+def _trunk(option: str, path: str) -> torch.nn.Module:
+    """build_net's resolver for the cascaded classifier's trunk checkpoint: a fresh encoder."""
+    from debiaslab.nets import build_net
+
+    assert (option, path) == ("trunk", "trunk.pt")
+    return build_net(_model("encoder_classifier"), shape=(1, SIZE, SIZE), num_classes=1,
+                     num_outputs=3)
 
 
 def test_every_network_of_the_nets_package_has_a_build_case() -> None:
@@ -335,7 +345,10 @@ def test_build_net_builds_every_registered_net_from_a_model_config(name: str) ->
     from debiaslab.nets import build_net
 
     shape, out_shape = BUILD_CASES[name]
-    net = build_net(_model(name), shape=shape, num_classes=10, num_outputs=5)
+    extra = {"options": {"trunk": "trunk.pt"}, "channel_mult": (1,)} \
+        if name == "cascaded_classifier" else {}
+    net = build_net(_model(name, **extra), shape=shape, num_classes=10, num_outputs=5,
+                    resolve=_trunk)
     assert isinstance(net, NETS.get(name))
     x, t = torch.randn(BATCH, *shape), torch.rand(BATCH) * 999.0
     with torch.no_grad():
@@ -407,3 +420,12 @@ def test_mlp_head_time_conditioning() -> None:
         head(x)
     with pytest.raises(ValueError, match="shape"):
         head(torch.randn(BATCH, 12), t)
+
+
+def test_a_checkpoint_option_needs_a_caller_that_loads_it() -> None:
+    from debiaslab.errors import ConfigError
+    from debiaslab.nets import build_net
+
+    with pytest.raises(ConfigError, match=r"model.options.trunk: names a checkpoint"):
+        build_net(_model("cascaded_classifier", options={"trunk": "trunk.pt"}),
+                  shape=(1, SIZE, SIZE), num_classes=1, num_outputs=5)

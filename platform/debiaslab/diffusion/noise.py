@@ -4,11 +4,13 @@ so a sample does not depend on the batch size or on which other samples share it
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
+NOISE_DOMAIN = "debiaslab-minority-noise-v1"  # image_seed's domain (fixed: it defines noise)
 NOISE_DRAW_DTYPE = torch.float32  # what torch.randn draws by default, and what diffusers draws
 
 
@@ -38,3 +40,19 @@ class SampleNoise:
         rows = [torch.randn((1,) + self.shape, generator=g, dtype=NOISE_DRAW_DTYPE)
                 for g in self.generators]
         return torch.cat(rows).to(self.device, self.dtype)
+
+
+# per-image noise: a dataset image's draws, from a seed and its id (e.g. minority scores)
+
+
+def image_seed(seed: int, image_id: str) -> int:
+    """A 63-bit generator seed for one image: sha256 of (domain, seed, id)."""
+    digest = hashlib.sha256(f"{NOISE_DOMAIN}|{seed}|{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def image_noise(seed: int, image_id: str, n_iter: int, shape: tuple[int, ...]) -> Tensor:
+    """The n_iter standard-normal draws [n_iter, *shape] of one image (CPU, float32): the same
+    for an image wherever and with whatever neighbours it is scored."""
+    gen = torch.Generator().manual_seed(image_seed(seed, image_id))
+    return torch.randn((n_iter, *shape), generator=gen)

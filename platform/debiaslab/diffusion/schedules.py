@@ -174,3 +174,20 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
 def build_schedule(name: str, num_timesteps: int = DEFAULT_NUM_TIMESTEPS) -> VPSchedule:
     """Look up a schedule by its config name."""
     return SCHEDULES.get(name)(num_timesteps)
+
+
+def respaced_timestep(index: int, respacing: int, num_timesteps: int) -> int:
+    """The original timestep of step ``index`` of guided-diffusion's ``space_timesteps(T,
+    "N")`` chain (one section): the stride (T-1)/(N-1) is accumulated from 0 and each partial
+    sum rounded (half to even). Minority Guidance (docs/algorithms.md §1.2) perturbs at step
+    60 of 100 of T = 1000: t = 605."""
+    if not 0 <= index < respacing <= num_timesteps:
+        raise ConfigError(f"respaced timestep: need 0 <= index < respacing <= T, got {index}, "
+                          f"{respacing}, {num_timesteps}")
+    if respacing == 1:
+        return 0
+    stride = (num_timesteps - 1) / (respacing - 1)
+    position = 0.0
+    for _ in range(index):
+        position += stride
+    return round(position)

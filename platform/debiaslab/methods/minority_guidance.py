@@ -26,15 +26,28 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from debiaslab.data.pixels import from_uint8, to_uint8
+from debiaslab.data.pixels import from_uint8
+from debiaslab.diffusion.noise import image_noise, image_seed  # noqa: F401  (the MG API)
+from debiaslab.diffusion.schedules import respaced_timestep
 from debiaslab.errors import ConfigError, DataError
-from debiaslab.methods.api import ExperimentConfig, Registry, register_section
-from debiaslab.strict import check_options, check_registered
+from debiaslab.methods.api import ExperimentConfig, register_section
+from debiaslab.metrics.distances import (  # noqa: F401  (the MG API)
+    DISTANCES,
+    Distance,
+    FeatureDistance,
+    L2Distance,
+    LPIPSDistance,
+    build_distance,
+    load_lpips_vgg,
+)
+from debiaslab.nets.cascaded import CascadedClassifier  # noqa: F401  (the MG API)
+from debiaslab.strict import check_registered
 
 SCORE_TABLE = "mscore"  # side tables <name>.mscore (column score) and <name>.mclass
 CLASS_TABLE = "mclass"  # (columns class, val)
-NOISE_DOMAIN = "debiaslab-minority-noise-v1"
 
+
+DISTANCE_OPTIONS = "minority.distance_options"  # the config key error messages name
 
 # ----------------------------------------------------------------------------------- config
 
@@ -80,7 +93,7 @@ class MinorityConfig:
                               f"{self.reference_top}")
         if not 0 <= self.seed <= 2**31 - 1:
             raise ConfigError(f"minority.seed: must be in [0, {2**31 - 1}], got {self.seed}")
-        DISTANCES.get(self.distance).check_options(self.distance_options)
+        DISTANCES.get(self.distance).check_options(self.distance_options, DISTANCE_OPTIONS)
 
 
 register_section("minority", MinorityConfig)
@@ -93,177 +106,6 @@ def score_table(cfg: ExperimentConfig) -> str:
 
 def class_table(cfg: ExperimentConfig) -> str:
     return f"{cfg.name}.{CLASS_TABLE}"
-
-
-# ------------------------------------------------------------------------------- timesteps
-
-
-def respaced_timestep(index: int, respacing: int, num_timesteps: int) -> int:
-    """The original timestep of step ``index`` of guided-diffusion's ``space_timesteps(T,
-    "N")`` chain (one section): the stride (T-1)/(N-1) is accumulated from 0 and each partial
-    sum rounded (half to even). §1.2: perturb_t = 60 of 100 steps of T = 1000 -> t = 605."""
-    if not 0 <= index < respacing <= num_timesteps:
-        raise ConfigError(f"respaced timestep: need 0 <= index < respacing <= T, got {index}, "
-                          f"{respacing}, {num_timesteps}")
-    if respacing == 1:
-        return 0
-    stride = (num_timesteps - 1) / (respacing - 1)
-    position = 0.0
-    for _ in range(index):
-        position += stride
-    return round(position)
-
-
-# ------------------------------------------------------------------------------------ noise
-
-
-def image_seed(seed: int, image_id: str) -> int:
-    """A 63-bit generator seed for one image: sha256 of (domain, seed, id)."""
-    digest = hashlib.sha256(f"{NOISE_DOMAIN}|{seed}|{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def image_noise(seed: int, image_id: str, n_iter: int, shape: tuple[int, ...]) -> Tensor:
-    """The n_iter standard-normal draws [n_iter, *shape] of one image (CPU, float32): the same
-    for an image wherever and with whatever neighbours it is scored."""
-    gen = torch.Generator().manual_seed(image_seed(seed, image_id))
-    return torch.randn((n_iter, *shape), generator=gen)
-
-
-# -------------------------------------------------------------------------------- distances
-
-
-DISTANCES: Registry[Any] = Registry("distance")
-
-
-class Distance:
-    """d(x0, x0_hat) per sample [B] for images in [-1, 1] ([B, C, H, W])."""
-
-    options: tuple[str, ...] = ()
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any]) -> None:
-        check_options("minority.distance_options", options, cls.options)
-
-    @classmethod
-    def check_ready(cls, options: dict[str, Any]) -> None:
-        """Settings needed before any work (files the distance loads), checked by the recipe."""
-
-    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
-        raise NotImplementedError
-
-
-@DISTANCES.register("l2")
-class L2Distance(Distance):
-    """The paper's squared-L2 alternative (§1.2): mean over pixels of (x0 - x0_hat)^2. Without
-    clipping this is ((1 - abar_t) / abar_t) * mean (eps_theta - eps)^2, the scaled eps error."""
-
-    def __init__(self, device: Any = "cpu") -> None:
-        pass
-
-    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
-        return (x0 - x0_hat).float().pow(2).flatten(1).mean(1)
-
-
-@DISTANCES.register("lpips")
-class LPIPSDistance(Distance):
-    """LPIPS with VGG16 features (the official choice, §1.2): the lpips package's linear
-    layers (shipped with it) on torchvision VGG16 features whose weights come from a local file
-    (``vgg_weights``: a torchvision ``vgg16`` state_dict, read with weights_only=True; never
-    downloaded). Inputs in [-1, 1]; 1-channel images are repeated to 3 channels."""
-
-    options = ("vgg_weights",)
-
-    @classmethod
-    def check_ready(cls, options: dict[str, Any]) -> None:
-        path = str(options.get("vgg_weights", "") or "")
-        if not path:
-            raise ConfigError("minority.distance_options.vgg_weights: lpips needs the local "
-                              "torchvision VGG16 weights file (vgg16-397923af.pth); debiaslab "
-                              "never downloads it. Set the path, or use distance: l2 or feature")
-
-    def __init__(self, vgg_weights: str = "", device: Any = "cpu") -> None:
-        self.check_ready({"vgg_weights": vgg_weights})
-        self.model = load_lpips_vgg(Path(vgg_weights)).to(device).eval().requires_grad_(False)
-
-    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
-        if x0.shape[1] == 1:
-            x0, x0_hat = x0.expand(-1, 3, -1, -1), x0_hat.expand(-1, 3, -1, -1)
-        return self.model(x0.float(), x0_hat.float()).flatten()
-
-
-def load_lpips_vgg(path: Path) -> torch.nn.Module:
-    """lpips.LPIPS(net="vgg") with the VGG16 features read from ``path`` (torchvision keys
-    ``features.<i>.weight/bias``, mapped onto lpips' slices). Missing or foreign files are
-    one-line errors naming the path."""
-    import warnings
-
-    import lpips
-
-    from debiaslab.errors import CheckpointError
-
-    if not path.is_file():
-        raise CheckpointError(f"LPIPS VGG16 weights not found at {path} "
-                              f"(minority.distance_options.vgg_weights); debiaslab never "
-                              f"downloads them: fetch torchvision's vgg16-397923af.pth on a "
-                              f"machine with internet and point vgg_weights at it")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt / non-tensor files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{path}: not a readable VGG16 weights file ({first})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision's deprecation of pretrained=False
-        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
-    slices = {}  # torchvision feature index -> lpips key prefix
-    for key in model.state_dict():
-        parts = key.split(".")
-        if parts[0] == "net" and parts[1].startswith("slice"):
-            slices[parts[2]] = ".".join(parts[:3])
-    mapped = {}
-    for key, value in state.items():
-        parts = str(key).split(".")
-        if len(parts) == 3 and parts[0] == "features" and parts[1] in slices:
-            mapped[f"{slices[parts[1]]}.{parts[2]}"] = value
-    wanted = {k for k in model.state_dict() if k.startswith("net.")}
-    if set(mapped) != wanted:
-        raise CheckpointError(f"{path}: not torchvision VGG16 weights (found {len(mapped)} of "
-                              f"{len(wanted)} feature tensors)")
-    try:
-        model.load_state_dict(mapped, strict=False)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise CheckpointError(f"{path}: VGG16 weights of the wrong shapes ({first})") from None
-    return model
-
-
-@DISTANCES.register("feature")
-class FeatureDistance(Distance):
-    """Euclidean distance ||phi(x0) - phi(x0_hat)|| in a registered metric extractor's feature
-    space (``extractor``: digits, inception, ...; other options go to the extractor)."""
-
-    options = ("extractor", "inception_weights")
-
-    def __init__(self, extractor: str = "digits", device: Any = "cpu", **options: Any) -> None:
-        from debiaslab.metrics.features import build_extractor
-
-        self.extractor = build_extractor(extractor, **options)
-
-    def __call__(self, x0: Tensor, x0_hat: Tensor) -> Tensor:
-        def features(x: Tensor) -> Tensor:
-            u8 = to_uint8(x).cpu().numpy()
-            return torch.from_numpy(self.extractor.extract(u8, batch_size=len(u8)).features)
-
-        return (features(x0) - features(x0_hat)).double().norm(dim=1).float().to(x0.device)
-
-
-def build_distance(name: str, options: dict[str, Any], device: Any = "cpu") -> Distance:
-    cls = DISTANCES.get(name)
-    cls.check_options(options)
-    cls.check_ready(options)
-    return cls(device=device, **options)
 
 
 # ----------------------------------------------------------------------------- the score
@@ -308,7 +150,7 @@ class MinorityScoreMapper:
         self.settings = settings
         self.device = next(self.trained.model.parameters()).device
         self.distance = build_distance(settings["distance"], settings["distance_options"],
-                                       self.device)
+                                       self.device, where=DISTANCE_OPTIONS)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         s = self.settings
@@ -407,85 +249,6 @@ def plot_scores(scores: np.ndarray, num_classes: int, path: Path, title: str) ->
     return save_figure(fig, path)
 
 
-# ------------------------------------------------------------------ cascaded classifier
-
-
-class CascadedClassifier(torch.nn.Module):
-    """§1.4, the official LSUN minority classifier: p(l | x_t, t) = softmax(Head(Enc(x_t, t), t)).
-
-    Enc is a frozen, time-conditioned encoder classifier read from a trained classifier
-    checkpoint (``trunk``: file or run folder), cut after its middle block (features h of
-    ``trunk.encoder.out_channels`` x ``out_size`` x ``out_size``); Head is a trained encoder
-    classifier on h without downsampling (its own timestep embedding, attention pooling, L
-    logits). Gradients reach x_t through the frozen trunk (guidance) but never its weights; the
-    trunk stays in eval mode. The trunk's weights are also saved in this net's checkpoints, so a
-    trained head needs its trunk file only to be rebuilt (the architecture), not for weights.
-    """
-
-    CONFIG_PARAMS = ("num_outputs", "model_channels", "num_res_blocks", "attention_resolutions",
-                     "dropout", "head_channels", "num_classes_cond")
-
-    def __init__(self, num_outputs: int, *, trunk: str = "", model_channels: int = 32,
-                 num_res_blocks: int = 1, attention_resolutions: tuple[int, ...] = (),
-                 dropout: float = 0.0, head_channels: int | None = None,
-                 num_classes_cond: int | None = None, pool: str = "attention",
-                 num_heads: int = 1, use_scale_shift_norm: bool = True) -> None:
-        super().__init__()
-        from debiaslab.nets import EncoderClassifier
-        from debiaslab.training.classifier import load_classifier
-
-        if not trunk:
-            raise ConfigError("classifier.model.options.trunk: the cascaded classifier needs the "
-                              "checkpoint of a trained encoder classifier (its frozen trunk)")
-        net, _ = load_classifier(trunk)
-        if not isinstance(net, EncoderClassifier):
-            raise ConfigError(f"classifier.model.options.trunk: {trunk} holds a "
-                              f"{type(net).__name__}, not an encoder_classifier")
-        self.trunk = net.requires_grad_(False).eval()
-        self.head = EncoderClassifier(
-            net.encoder.out_channels, num_outputs, image_size=net.encoder.out_size,
-            model_channels=model_channels, channel_mult=(1,), num_res_blocks=num_res_blocks,
-            attention_resolutions=attention_resolutions, dropout=dropout, pool=pool,
-            num_heads=num_heads, head_channels=head_channels, num_classes_cond=num_classes_cond,
-            use_scale_shift_norm=use_scale_shift_norm)
-        self.num_outputs = num_outputs
-
-    @classmethod
-    def from_config(cls, model: Any, *, shape: Any, num_classes: int,
-                    num_outputs: int | None = None, aug_dim: int = 0) -> "CascadedClassifier":
-        if num_outputs is None or aug_dim:
-            raise ConfigError("cascaded_classifier: needs num_outputs and takes no augmentation")
-        return cls(num_outputs, model_channels=model.model_channels,
-                   num_res_blocks=model.num_res_blocks,
-                   attention_resolutions=tuple(model.attention_resolutions),
-                   dropout=model.dropout, head_channels=model.head_channels,
-                   num_classes_cond=num_classes if model.class_conditional and num_classes > 1
-                   else None, **model.options)
-
-    def train(self, mode: bool = True) -> "CascadedClassifier":
-        super().train(mode)
-        self.trunk.eval()  # frozen: no dropout, fixed normalisation
-        return self
-
-    def forward(self, x_t: Tensor, t: Tensor | float, y: Tensor | None = None) -> Tensor:
-        from debiaslab.nets.layers import as_timesteps
-
-        tt = as_timesteps(t, x_t.shape[0], x_t.device)
-        trunk_y = y if self.trunk.num_classes_cond else None
-        h, _ = self.trunk.encoder(x_t, self.trunk.cond(tt, x_t.shape[0], x_t.device, trunk_y))
-        return self.head(h, tt, y)
-
-
-def _register_net() -> None:
-    from debiaslab.methods.api import NETS
-
-    if "cascaded_classifier" not in NETS:
-        NETS.register("cascaded_classifier")(CascadedClassifier)
-
-
-_register_net()
-
-
 # ------------------------------------------------------------------------------- the stages
 
 # what defines the scores (not distributed.map_*: the scores do not depend on the job layout)
@@ -515,7 +278,7 @@ def _score_prepare(cfg: ExperimentConfig, ctx: Any) -> None:
     settings = score_settings(cfg)
     log(f"minority scores: {settings['distance']} distance, n_iter {settings['n_iter']}, "
         f"t = {settings['t']} (step {settings['perturb_t']} of {settings['respacing']})")
-    build_distance(settings["distance"], settings["distance_options"])
+    build_distance(settings["distance"], settings["distance_options"], where=DISTANCE_OPTIONS)
 
 
 def _score_schema() -> Any:
@@ -637,7 +400,8 @@ def check_config(cfg: ExperimentConfig) -> None:
                               f"rarest) or -1")
     if cfg.classifier.input != "noisy_images":
         raise ConfigError("recipe minority_guidance: classifier.input must be noisy_images")
-    DISTANCES.get(cfg.minority.distance).check_ready(cfg.minority.distance_options)
+    DISTANCES.get(cfg.minority.distance).check_ready(cfg.minority.distance_options,
+                                                     DISTANCE_OPTIONS)
     if cfg.minority.class_conditional and not cfg.model.class_conditional:
         raise ConfigError("minority.class_conditional: needs a class-conditional backbone "
                           "(model.class_conditional: true)")

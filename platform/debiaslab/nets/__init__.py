@@ -5,12 +5,14 @@ time-conditioned encoder classifier and an MLP head; `NETS` maps config names to
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from torch import nn
 
 from debiaslab.errors import ConfigError
+from debiaslab.nets.cascaded import CascadedClassifier
 from debiaslab.nets.classifier import EncoderClassifier, MLPHead
 from debiaslab.nets.layers import timestep_embedding
 from debiaslab.nets.unet import HEditFn, UNet
@@ -21,6 +23,7 @@ NETS: Registry = Registry("network")
 NETS.register("unet")(UNet)
 NETS.register("encoder_classifier")(EncoderClassifier)
 NETS.register("mlp_head")(MLPHead)
+NETS.register("cascaded_classifier")(CascadedClassifier)
 
 _KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
@@ -46,14 +49,22 @@ def is_classifier(name: str) -> bool:
 
 
 def build_net(model: Any, *, shape: Sequence[int], num_classes: int,
-              num_outputs: int | None = None, aug_dim: int = 0, where: str = "model"
-              ) -> nn.Module:
+              num_outputs: int | None = None, aug_dim: int = 0, where: str = "model",
+              resolve: Callable[[str, str], Any] | None = None) -> nn.Module:
     """Any registered network from ``model`` (a ModelConfig) for inputs of ``shape`` ((C, H, W)
     images, or a feature row's shape): ``num_classes`` conditioning classes (used when
     ``model.class_conditional``), ``num_outputs`` logits for classifiers, ``aug_dim`` for an
     augmentation vector. ``model.options`` go to the constructor (unknown keys: ConfigError)."""
     cls = NETS.get(model.net)
     check_model_options(model, where)
+    loaded = {k: v for k, v in model.options.items()
+              if k in getattr(cls, "LOADED_OPTIONS", ()) and isinstance(v, str)}
+    if loaded:  # options naming checkpoints (a trunk): the caller's resolver loads them
+        if resolve is None:
+            raise ConfigError(f"{where}.options.{next(iter(loaded))}: names a checkpoint, "
+                              f"which this caller cannot load")
+        options = {**model.options, **{k: resolve(k, v) for k, v in loaded.items()}}
+        model = dataclasses.replace(model, options=options)
     try:
         return cls.from_config(model, shape=tuple(shape), num_classes=num_classes,
                                num_outputs=num_outputs, aug_dim=aug_dim)
@@ -66,6 +77,7 @@ def num_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-__all__ = ["NETS", "EncoderClassifier", "HEditFn", "MLPHead", "UNet", "build_net",
+__all__ = ["NETS", "CascadedClassifier", "EncoderClassifier", "HEditFn", "MLPHead", "UNet",
+           "build_net",
            "check_model_options", "is_classifier", "net_options", "num_parameters",
            "timestep_embedding"]

@@ -327,7 +327,8 @@ class ClassifierTask(TrainTask):
 
         d = self.data
         self.net = build_net(self.cfg.model, shape=d.shape, num_classes=d.num_cond_classes,
-                             num_outputs=d.num_outputs, where="classifier.model")
+                             num_outputs=d.num_outputs, where="classifier.model",
+                             resolve=load_trunk)
         self.conditional = getattr(self.net, "num_classes_cond", None) is not None
         if self.conditional and d.cond is None:
             raise ConfigError("classifier.model.class_conditional: the rows carry no class "
@@ -580,6 +581,13 @@ def plot_classifier_evaluation(evaluation: dict[str, Any], title: str = "") -> A
 # ------------------------------------------------------------------------------------ load
 
 
+def load_trunk(option: str, path: str) -> nn.Module:
+    """build_net's resolver for options that name a trained classifier's checkpoint (the
+    cascaded classifier's frozen trunk): the network, rebuilt from the checkpoint alone."""
+    net, _ = load_classifier(path)
+    return net
+
+
 def load_classifier(path: str | Path, device: str | torch.device = "cpu"
                     ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained classifier from its checkpoint (file or run folder) alone: (network in
@@ -597,7 +605,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu"
     try:
         model_cfg = from_saved_dict({"model": info["model"]}).model
         net = build_net(model_cfg, shape=info["shape"], num_classes=info["num_cond_classes"],
-                        num_outputs=info["num_outputs"], where="classifier.model")
+                        num_outputs=info["num_outputs"], where="classifier.model",
+                        resolve=load_trunk)
         net.load_state_dict(state["ema"]["shadow"] if info["ema"] else state["model"])
     except (ConfigError, KeyError, RuntimeError, TypeError) as exc:
         raise CheckpointError(f"{source}: cannot rebuild the classifier "
