@@ -344,8 +344,7 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     if target.exists() and not _is_replaceable(target):
         raise data_error(target, "exists and is not a debiaslab dataset; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = target.parent / f".{target.name}.tmp-{token}"
+    tmp = temp_sibling(target)
     tmp.mkdir()
     try:
         yield tmp
@@ -357,6 +356,12 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def temp_sibling(target: Path) -> Path:
+    """The temp folder a writer of ``target`` fills before :func:`swap_into` renames it in:
+    ``.<name>.tmp-<pid>-<random>`` beside it (the PID tells a killed writer's leftovers)."""
+    return target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def swap_into(tmp: Path, target: Path) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -27,6 +26,7 @@ from debiaslab.data.schema import (
     read_manifest,
     swap_into,
     table_to_numpy,
+    temp_sibling,
     tensor_shape,
     tensor_to_arrow,
     write_json,
@@ -210,7 +210,7 @@ def write_side_table(dataset_path: str | os.PathLike[str], name: str, ids: Seque
     order = np.argsort(row_ids, kind="stable")
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(target)
     tmp.mkdir()
     try:
         parts = []

@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -38,6 +37,7 @@ from debiaslab.data.schema import (
     swap_into,
     table_digests,
     table_to_numpy,
+    temp_sibling,
     tensor_to_arrow,
     write_json,
 )
@@ -478,7 +478,7 @@ def run_map_job(
     target = Path(output_dir).absolute()
     _check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_sibling(target)
     ctx = dataset.context  # the dataset's own copy: settings do not leak into other jobs
     # Ray Data's bars redraw with carriage returns: only on a terminal, not in job logs
     from debiaslab.progress import is_interactive
