@@ -18,17 +18,18 @@ from debiaslab.errors import CheckpointError, ConfigError
 from debiaslab.training.classifier import (
     ClassifierTask,
     classifier_experiment,
-    dataset_labels,
-    evaluate_classifier,
-    feature_data,
-    image_data,
     load_classifier,
-    load_classifier_data,
-    plot_classifier_evaluation,
-    split_data,
-    stratified_split,
     train_classifier,
 )
+from debiaslab.training.classifier_data import (
+    dataset_labels,
+    feature_data,
+    image_data,
+    load_classifier_data,
+    split_data,
+    stratified_split,
+)
+from debiaslab.training.classifier_eval import evaluate_classifier, plot_classifier_evaluation
 from debiaslab.training.loop import Trainer
 
 DIGITS_SIZE = 8  # sklearn's native 8x8 digits: 4x cheaper than the 16x16 default

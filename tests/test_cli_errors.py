@@ -170,7 +170,7 @@ def test_mlflow_db_that_is_not_a_database(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from debiaslab.config import load_config
-    from debiaslab.pipeline import build_data, train
+    from debiaslab.stages import build_data, train
 
     out = tmp_path_factory.mktemp("ckpt")
     cfg = load_config(None, TINY + [f"output_dir={out}", "name=ck", "tracking.enabled=false"])

@@ -177,7 +177,7 @@ def test_batch_guidance_gives_the_same_images_on_ray_and_locally(ray_cluster, ti
                                                                  tmp_path):
     """The Ray sampling path batches the seeds as the local path does (sample.batch_size), so a
     guidance that depends on the whole batch gives byte-identical images on both."""
-    from debiaslab.pipeline import sample
+    from debiaslab.stages import sample
 
     def run(backend: str, batch: int) -> np.ndarray:
         cfg = load_config(None, TINY + [f"output_dir={tmp_path}", "sample.samplers=[ddim]",

@@ -22,7 +22,8 @@ from conftest import local_ray, mlflow_server_process
 
 from debiaslab.checkpoints import list_checkpoints, load_checkpoint
 from debiaslab.config import ExperimentConfig, load_config
-from debiaslab.pipeline import build_data, load_training_data
+from debiaslab.data.locate import load_training_data
+from debiaslab.stages import build_data
 from debiaslab.training.loop import Trainer
 
 STEPS, CKPT_EVERY, LOG_EVERY, KILL_AT = 20, 10, 5, 15
@@ -239,9 +240,9 @@ def test_classifier_ddp_on_ray_train_equals_one_process(ray_cluster, out_dir, ca
     from debiaslab.training.classifier import (
         classifier_experiment,
         load_classifier,
-        load_classifier_data,
         train_classifier,
     )
+    from debiaslab.training.classifier_data import load_classifier_data
 
     cfg = classifier_experiment(make_cfg(out_dir, "clf", *CLASSIFIER))
     log_dir = out_dir / "clf-logs"

@@ -191,7 +191,7 @@ def test_table_flags_estimators_unreliable_at_the_sample_count():
     detectable) and hidden at tiny counts; per-class FID from fewer samples per class than
     feature dimensions is marked and footnoted."""
     from debiaslab.metrics.evaluate import Evaluation
-    from debiaslab.pipeline import KID_MIN_SAMPLES, eval_notes, eval_row
+    from debiaslab.stages import KID_MIN_SAMPLES, eval_notes, eval_row
 
     def ev(n: int, per_class: int) -> Evaluation:
         return Evaluation(metrics={"fid": 50.0, "kid": -0.0123, "kid_std": 0.02,

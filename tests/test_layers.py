@@ -71,7 +71,7 @@ def test_ray_workers_load_the_plugins_module_the_entry_points_use():
 # what a method module may import of the layers between it and the foundation: the declared
 # method API (debiaslab.methods.api) re-exports config, recipes and the shared stages
 METHOD_API = "methods.api"
-BEHIND_THE_API = ("config", "recipes", "pipeline", "records", "distributed")
+BEHIND_THE_API = ("config", "recipes", "stages", "experiment", "records", "distributed")
 
 
 def test_methods_use_the_declared_api_not_the_engine_internals():

@@ -39,7 +39,7 @@ PACKAGE = ROOT / "platform" / "debiaslab"
 # Layers (DESIGN.md "Dependency direction"): the math knows nothing of methods or orchestration;
 # distributed/ runs what it is handed and never imports the orchestration above it.
 FOUNDATION = ("diffusion", "nets", "data")
-ORCHESTRATION = ("pipeline", "recipes", "methods", "cli", "quickstart")
+ORCHESTRATION = ("stages", "experiment", "recipes", "methods", "cli", "quickstart")
 RAY_OR_MLFLOW_ALLOWED = ("distributed", "tracking")
 
 
@@ -91,7 +91,7 @@ def test_foundation_imports_no_methods_and_no_orchestration():
 
 
 def test_distributed_never_imports_the_orchestration_layer():
-    """The old pipeline <-> distributed import circle: stage functions are handed in instead."""
+    """The old stages <-> distributed import circle: stage functions are handed in instead."""
     forbidden = tuple(f"debiaslab.{m}" for m in ORCHESTRATION)
     offenders = sorted(
         f"{rel} imports {name}" for rel, names in module_imports().items()
@@ -103,7 +103,7 @@ def test_layering_check_sees_function_level_and_relative_imports(tmp_path):
     """The guard itself must catch what it guards (a function-level import of ray)."""
     import ast
 
-    tree = ast.parse("def f():\n    import ray\n    from ..pipeline import train\n")
+    tree = ast.parse("def f():\n    import ray\n    from ..stages import train\n")
     found = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
     assert len(found) == 2
     names = module_imports()

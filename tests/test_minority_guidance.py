@@ -274,7 +274,7 @@ RUN = TINY + MG + ["train.steps=6", "train.warmup_steps=2", "train.log_every=3",
 
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
-    from debiaslab.pipeline import run_experiment
+    from debiaslab.experiment import run_experiment
 
     out = tmp_path_factory.mktemp("mg")
     cfg = load_config(None, RUN + [f"output_dir={out}", "name=mg"])
@@ -290,14 +290,11 @@ def test_recipe_runs_every_stage_and_records_both_references(recipe_run, capsys)
 
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.data.side_tables import join, read_side_table
+    from debiaslab.experiment import run_experiment
     from debiaslab.methods.minority_guidance import classifier_config
     from debiaslab.metrics.evaluate import load_samples
-    from debiaslab.pipeline import run_experiment
-    from debiaslab.training.classifier import (
-        classifier_experiment,
-        load_classifier_data,
-        split_data,
-    )
+    from debiaslab.training.classifier import classifier_experiment
+    from debiaslab.training.classifier_data import load_classifier_data, split_data
 
     cfg, result = recipe_run
     ds = ImageDataset.load(cfg.dataset_path)
@@ -338,8 +335,8 @@ def test_class_conditional_variant_end_to_end(recipe_run):
     test in test_guidance)."""
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.data.side_tables import join, read_side_table
+    from debiaslab.experiment import run_experiment
     from debiaslab.metrics.evaluate import load_samples
-    from debiaslab.pipeline import run_experiment
     from debiaslab.sampling import classifier_checkpoint
     from debiaslab.training.classifier import load_classifier
 
@@ -378,7 +375,7 @@ def test_score_table_that_misses_images_is_one_line(recipe_run, tmp_path):
 
 
 def test_missing_classifier_checkpoint_is_one_line(recipe_run):
-    from debiaslab.pipeline import sample
+    from debiaslab.stages import sample
 
     cfg, _ = recipe_run
     bad = load_config(None, RUN + [f"output_dir={cfg.output_dir}", "name=mg",
@@ -399,13 +396,13 @@ CLF = ["classifier.model.model_channels=16", "classifier.model.channel_mult=[1,2
 def test_cascaded_classifier_trains_its_head_on_a_frozen_trunk(tmp_path, digits_lt):
     """§1.4: a trained encoder classifier is the frozen trunk; only the head trains; the
     gradient reaches x_t through the trunk; the trained net reloads from its checkpoint."""
-    from debiaslab.pipeline import build_data
+    from debiaslab.stages import build_data
     from debiaslab.training.classifier import (
         classifier_experiment,
         load_classifier,
-        load_classifier_data,
         train_classifier,
     )
+    from debiaslab.training.classifier_data import load_classifier_data
 
     base = TINY + CLF + [f"output_dir={tmp_path}", "train.device=cpu"]
     trunk_cfg = classifier_experiment(load_config(None, base + ["name=trunk"]))

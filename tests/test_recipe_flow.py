@@ -17,8 +17,8 @@ from conftest import recipe_runs
 from debiaslab.checkpoints import load_checkpoint
 from debiaslab.config import SECTIONS, ClassifierConfig, load_config
 from debiaslab.errors import CheckpointError, ConfigError
+from debiaslab.experiment import run_experiment
 from debiaslab.methods.api import Recipe, aux_model_stage, diffusion_stages
-from debiaslab.pipeline import run_experiment
 from debiaslab.recipes import RECIPES, backend_of, read_record
 from debiaslab.sampling import resolve_guidance
 

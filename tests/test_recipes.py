@@ -16,7 +16,7 @@ from debiaslab.data.dataset import ImageDataset
 from debiaslab.diffusion.guidance import ClassifierFreeGuidance
 from debiaslab.diffusion.samplers import sample as run_sampler
 from debiaslab.errors import ConfigError
-from debiaslab.pipeline import run_experiment
+from debiaslab.experiment import run_experiment
 from debiaslab.recipes import (
     RECIPES,
     Recipe,
@@ -119,7 +119,7 @@ def test_cbdm_recipe_equals_the_primitives_bit_for_bit(tmp_path):
     cfg = tiny(tmp_path / "recipe", "digits_lt_cbdm.yaml")
     result = run_experiment(cfg, progress=False)
     by_hand = tiny(tmp_path / "hand", "digits_lt_cbdm.yaml")
-    from debiaslab.pipeline import build_data
+    from debiaslab.stages import build_data
 
     build_data(by_hand)
     dataset = ImageDataset.load(by_hand.dataset_path)

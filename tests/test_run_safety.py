@@ -16,8 +16,8 @@ from debiaslab.checkpoints import latest_checkpoint, load_checkpoint
 from debiaslab.cli import main
 from debiaslab.config import load_config
 from debiaslab.errors import CheckpointError, DataError, RunLocked
-from debiaslab.pipeline import build_data, check_resumable, train
 from debiaslab.runlock import run_lock
+from debiaslab.stages import build_data, check_resumable, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = TINY_CORE + ["train.log_every=2", "train.checkpoint_every=2", "tracking.enabled=false"]
@@ -88,7 +88,7 @@ def test_resume_allow_accepts_the_listed_key_and_applies_it(trained_run, tmp_pat
     out = copy_run(trained_run, tmp_path / "o")
     cfg = cfg_at(out, "train.steps=6", "train.lr=0.0002", "train.resume_allow=[train.lr]")
     assert check_resumable(cfg) == {"train.lr": (0.001, 0.0002)}
-    from debiaslab.pipeline import load_training_data
+    from debiaslab.data.locate import load_training_data
     from debiaslab.training.loop import Trainer
 
     trainer = Trainer(cfg, load_training_data(cfg), cfg.run_dir, progress=False)

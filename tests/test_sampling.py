@@ -87,7 +87,7 @@ class GenerateSpy:
 
 def test_sample_stage_passes_cfg_clip_x0(trained: sampling.TrainedModel, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from debiaslab import pipeline
+    from debiaslab import stages as pipeline
 
     spy = GenerateSpy()
     monkeypatch.setattr(sampling, "load_trained", lambda *a, **k: trained)
@@ -105,7 +105,7 @@ def test_ray_sample_path_passes_cfg_clip_x0(trained: sampling.TrainedModel, tmp_
     import debiaslab.data.dataset as dataset_mod
     import debiaslab.distributed.data as dd
     import debiaslab.distributed.runtime as runtime
-    from debiaslab import pipeline
+    from debiaslab import stages as pipeline
 
     jobs: list[dict[str, Any]] = []
 

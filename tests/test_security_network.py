@@ -52,7 +52,7 @@ def workspace(tmp_path_factory):
     """The experiment, its dataset and a (plain-loop) checkpoint."""
     from debiaslab.config import load_config
     from debiaslab.data.dataset import ImageDataset
-    from debiaslab.pipeline import build_data
+    from debiaslab.stages import build_data
     from debiaslab.training.loop import Trainer
 
     root = tmp_path_factory.mktemp("net")

@@ -19,7 +19,8 @@ from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
 from debiaslab.distributed.runtime import init_ray, shutdown_ray
 from debiaslab.errors import ConfigError
-from debiaslab.pipeline import build_data, run_sweep
+from debiaslab.experiment import run_sweep
+from debiaslab.stages import build_data
 from debiaslab.sweeps import load_sweep
 from debiaslab.tracking import find_runs, resolve_tracking_uri
 from debiaslab.training.loop import Trainer

@@ -45,7 +45,7 @@ def _check_tracking(cfg: "ExperimentConfig") -> None:
 
 
 def cmd_data_build(args: argparse.Namespace) -> int:
-    from debiaslab.pipeline import build_data
+    from debiaslab.stages import build_data
 
     cfg = _load(args)
     if not args.dry_run:
@@ -55,7 +55,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """The recipe's data and train stages (a stage whose inputs are unchanged is skipped)."""
-    from debiaslab.pipeline import run_experiment
+    from debiaslab.experiment import run_experiment
 
     cfg = _load(args)
     if args.dry_run:
@@ -75,7 +75,7 @@ def _print_ui_hint(cfg: "ExperimentConfig") -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from debiaslab.pipeline import sample
+    from debiaslab.stages import sample
 
     cfg = _load(args)
     if args.dry_run:
@@ -88,7 +88,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from debiaslab.config import to_dict
-    from debiaslab.pipeline import (
+    from debiaslab.report import format_table
+    from debiaslab.stages import (
         EVAL_TABLE_COLUMNS,
         eval_notes,
         eval_row,
@@ -96,7 +97,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         reference_path,
         sample,
     )
-    from debiaslab.report import format_table
 
     if args.reference:
         args.overrides.append(f"metrics.reference={args.reference}")
@@ -147,7 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from debiaslab.pipeline import run_experiment, seed_configs
+    from debiaslab.experiment import run_experiment, seed_configs
     from debiaslab.recipes import get_recipe
 
     cfg = _load(args)
@@ -217,7 +217,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from debiaslab.pipeline import build_data, extract_features
+    from debiaslab.stages import build_data, extract_features
 
     cfg = _load(args)
     if args.dry_run:
@@ -240,7 +240,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objectives))
         print("sweep OK (dry run: nothing was run)")
         return 0
-    from debiaslab.pipeline import run_sweep
+    from debiaslab.experiment import run_sweep
 
     result = run_sweep(args.config, args.overrides)
     print(f"best trial {result.best_trial_id}: {result.best_config}")

@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from debiaslab.config import ExperimentConfig, dump_yaml, load_config
-from debiaslab.pipeline import (
-    EVAL_TABLE_COLUMNS,
-    REPO_ROOT,
-    StageResult,
-    eval_notes,
-    eval_row,
-    log,
-    run_experiment,
-)
+from debiaslab.experiment import run_experiment
+from debiaslab.progress import log
 from debiaslab.report import format_table
+from debiaslab.stages import EVAL_TABLE_COLUMNS, StageResult, eval_notes, eval_row
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # platform/debiaslab/quickstart.py -> repo
 QUICKSTART_CONFIGS = ("digits_lt_baseline.yaml", "digits_lt_debias.yaml")
 
 

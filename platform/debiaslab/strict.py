@@ -3,7 +3,7 @@ errors (:func:`from_mapping`, :func:`convert`), dotted ``a.b=c`` overrides
 (:func:`apply_overrides`), YAML files (:func:`load_yaml`), the one flattener of nested keys
 (:func:`flatten`) and the one "unknown ...; allowed: ..." message (:func:`unknown`).
 
-It knows no schema: config.py (the experiment), sweeps.py (sweep files) and the guidance specs of
+It knows no schema: config/ (the experiment), sweeps.py (sweep files) and the guidance specs of
 diffusion/guidance.py all build on it.
 """
 

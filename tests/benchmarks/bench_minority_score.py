@@ -61,7 +61,7 @@ def main() -> None:
         cfg = load_config(CONFIG, [f"output_dir={work}", "train.steps=1", "train.warmup_steps=0",
                                    "train.checkpoint_every=1", "tracking.enabled=false",
                                    "data.imbalance=none"])
-        from debiaslab.pipeline import build_data
+        from debiaslab.stages import build_data
 
         build_data(cfg)
         checkpoint = Trainer(cfg, ImageDataset.load(cfg.dataset_path), cfg.run_dir,

@@ -20,8 +20,9 @@ import torch
 
 from debiaslab import plugins
 from debiaslab.config import ExperimentConfig, load_config
+from debiaslab.data.locate import load_training_data
 from debiaslab.distributed.runtime import init_ray, ray_env, shutdown_ray
-from debiaslab.pipeline import build_data, load_training_data
+from debiaslab.stages import build_data
 from debiaslab.training.loop import Trainer
 
 plugins.load()  # the methods register their sections, recipes and losses, as the CLI does

@@ -22,15 +22,10 @@ import torch
 from debiaslab import plugins
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
-from debiaslab.pipeline import (
-    build_metric_extractor,
-    evaluate_samples,
-    reference_path,
-    sample,
-    train_data_path,
-)
+from debiaslab.data.locate import train_data_path
 from debiaslab.report import save_image_grid
 from debiaslab.sampling import classifier_checkpoint
+from debiaslab.stages import build_metric_extractor, evaluate_samples, reference_path, sample
 
 plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 

@@ -30,10 +30,11 @@ from debiaslab import plugins
 from debiaslab.compare import Summary
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
-from debiaslab.pipeline import build_metric_extractor, evaluate_samples, sample, seed_configs
+from debiaslab.experiment import seed_configs
 from debiaslab.recipes import recorded_outputs
 from debiaslab.report import save_image_grid
 from debiaslab.sampling import classifier_checkpoint
+from debiaslab.stages import build_metric_extractor, evaluate_samples, sample
 
 plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
 

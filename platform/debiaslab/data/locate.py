@@ -1,5 +1,5 @@
 """Where an experiment's datasets live and how its training set is loaded (no orchestration, so
-every layer, Ray workers included, can find the data without importing the pipeline)."""
+every layer, Ray workers included, can find the data without importing the stages)."""
 
 from __future__ import annotations
 

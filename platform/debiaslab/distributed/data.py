@@ -4,7 +4,6 @@ seed-range sampling and side tables."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -12,13 +11,18 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from debiaslab.data.external_sort import (
+    MIN_MERGE_BATCH_ROWS,
+    SORT_KEY,
+    schema_row_bytes,
+    sort_parts,
+)
 from debiaslab.data.pixels import to_uint8
 from debiaslab.data.schema import (
     DEFAULT_ROWS_PER_SHARD,
@@ -54,7 +58,6 @@ from .runtime import ray_env
 
 JOB_MANIFEST_NAME = "map_job.json"  # marks a folder written by run_map_job (safe to replace)
 PART_TEMPLATE = "part-{:05d}.parquet"
-SORT_KEY = "id"  # job outputs are sorted by this column (when the schema has it)
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
 BLOCKS_PER_ACTOR = 4  # enough blocks that every actor gets work and the tail stays short
 MAP_TASK_RETRIES = 3  # a map task whose mapper raises is retried this often
@@ -63,16 +66,7 @@ DEFAULT_NUM_CPUS = 0.5  # fractional: concurrency 2 on 2 cores leaves CPU for th
 DEFAULT_SEEDS_PER_TASK = 64
 PIXELS = "pixels"  # decoded uint8 [N, C, H, W] column of read_images(decode=True)
 _TASK_FILE = re.compile(r"^task-(\d+)-(\d+)\.parquet$")
-# Normalizing the output (an external merge sort in the driver; memory does not grow with it)
-SORT_BUFFER_BYTES = 4 * 2**20  # rows sorted in memory at once (runs of about this size)
-MERGE_BUFFER_BYTES = 4 * 2**20  # read buffers of all runs merged at once, together
-MERGE_FAN_IN = 64  # runs merged at once; more take several passes
-MIN_MERGE_BATCH_ROWS = 64  # rows read at a time from a run, at least
 TASK_ROW_GROUP_BYTES = 2**20  # Ray's task files: row groups of about this size (estimated)
-VARIABLE_WIDTH_BYTES = 64  # per-row size assumed for a string / binary / list field
-ROW_GROUP_ROWS = 1024  # output Parquet row groups (fixed, so the bytes do not depend on layout)
-SORT_RUNS_DIR = ".sort-runs"  # run files, inside the job's temp folder
-RUN_FILE_OPTIONS = {"compression": "none", "use_dictionary": False}  # temporary: write fast
 
 FEATURES_SCHEMA = pa.schema(
     [
@@ -234,203 +228,12 @@ def _check_replaceable(target: Path) -> None:
         raise data_error(target, "exists and is not a debiaslab job output; refusing to replace it")
 
 
-def _conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.Table:
-    """`batch` as a table in exactly `schema` (Ray may drop field metadata or nullability)."""
-    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-    return table.select(schema.names).cast(schema)
-
-
-def _row_bytes(files: list[Path]) -> int:
-    """Mean uncompressed bytes per row of Parquet `files` (from their footers; at least 1)."""
-    rows = size = 0
-    for path in files:
-        meta = pq.read_metadata(path)
-        rows += meta.num_rows
-        size += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    return max(1, math.ceil(size / max(rows, 1)))
-
-
-def _schema_row_bytes(schema: pa.Schema) -> int:
-    """Bytes per row of `schema` (fixed-width fields exactly, others VARIABLE_WIDTH_BYTES)."""
-    total = 0
-    for field in schema:
-        kind = field.type
-        width = kind.list_size if pa.types.is_fixed_size_list(kind) else 1
-        kind = kind.value_type if pa.types.is_fixed_size_list(kind) else kind
-        try:
-            total += width * max(1, kind.bit_width // 8)
-        except ValueError:  # not fixed width
-            total += VARIABLE_WIDTH_BYTES
-    return max(1, total)
-
-
-def _row_groups(path: Path, schema: pa.Schema) -> Iterator[pa.Table]:
-    """The row groups of a Parquet file one at a time, in `schema` (``iter_batches`` reads
-    ahead most of the file on its first call; this holds one row group)."""
-    reader = pq.ParquetFile(path)
-    for index in range(reader.num_row_groups):
-        yield _conform(reader.read_row_group(index), schema)
-
-
-def _sorted_runs(files: list[Path], runs_dir: Path, schema: pa.Schema, sort_key: str,
-                 run_rows: int, batch_rows: int) -> list[Path]:
-    """Read `files` a row group at a time, sort each `run_rows` (or a row group more) rows by
-    `sort_key` and write them as a run file (row groups of `batch_rows`); deletes the inputs."""
-    runs: list[Path] = []
-    chunks: list[pa.Table] = []
-
-    def flush() -> None:
-        table = pa.concat_tables(chunks)
-        table = table.take(pc.sort_indices(table, sort_keys=[(sort_key, "ascending")]))
-        runs.append(runs_dir / f"run-{len(runs):06d}.parquet")
-        pq.write_table(table, runs[-1], row_group_size=batch_rows, **RUN_FILE_OPTIONS)
-        chunks.clear()
-
-    for path in files:
-        for group in _row_groups(path, schema):
-            chunks.append(group)
-            if sum(c.num_rows for c in chunks) >= run_rows:
-                flush()
-        path.unlink()
-    if chunks:
-        flush()
-    return runs
-
-
-def _merge_runs(runs: list[Path], schema: pa.Schema, sort_key: str) -> Iterator[pa.Table]:
-    """k-way merge of sorted run files (written in small row groups): yields sorted
-    tables, holding one row group of each run (plus what one step emits) in memory.
-
-    Each step emits every buffered row whose key is <= the smallest last key of the buffers
-    (no unread row can sort before it), so the buffer holding that key empties and is refilled.
-    """
-    readers = [_row_groups(run, schema) for run in runs]
-    buffers: list[pa.Table | None] = [None] * len(runs)
-    done = [False] * len(runs)
-    while True:
-        for i, reader in enumerate(readers):
-            while not done[i] and (buffers[i] is None or buffers[i].num_rows == 0):
-                batch = next(reader, None)
-                done[i] = batch is None
-                buffers[i] = batch
-        live = [i for i, b in enumerate(buffers) if b is not None]
-        if not live:
-            return
-        bound = min(buffers[i].column(sort_key)[-1].as_py() for i in live)
-        pieces = []
-        for i in live:
-            keys = buffers[i].column(sort_key)
-            take = pc.sum(pc.less_equal(keys, pa.scalar(bound, keys.type))).as_py() or 0
-            if take:
-                pieces.append(buffers[i].slice(0, take))
-                buffers[i] = buffers[i].slice(take)
-        merged = pa.concat_tables(pieces)
-        yield merged.take(pc.sort_indices(merged, sort_keys=[(sort_key, "ascending")]))
-
-
-def _rechunk(pieces: Iterable[pa.Table], sizes: Iterator[int]) -> Iterator[pa.Table]:
-    """The rows of `pieces` regrouped into tables of the lengths `sizes` yields (the last may
-    be shorter), each one contiguous chunk."""
-    pending: list[pa.Table] = []
-    have, want = 0, next(sizes)
-    for piece in pieces:
-        while piece.num_rows:
-            take = min(want - have, piece.num_rows)
-            pending.append(piece.slice(0, take))
-            piece = piece.slice(take)
-            have += take
-            if have == want:
-                yield pa.concat_tables(pending).combine_chunks()
-                pending, have, want = [], 0, next(sizes)
-    if have:
-        yield pa.concat_tables(pending).combine_chunks()
-
-
-def _group_sizes(rows_per_file: int, rows_per_group: int) -> Iterator[int]:
-    """Row-group lengths: each file of `rows_per_file` rows in groups of `rows_per_group`."""
-    while True:
-        left = rows_per_file
-        while left > 0:
-            yield min(rows_per_group, left)
-            left -= rows_per_group
-
-
-def _write_parts(pieces: Iterable[pa.Table], folder: Path, template: str, schema: pa.Schema,
-                 rows_per_file: int, rows_per_group: int) -> list[Path]:
-    """Write the rows of `pieces` as files of `rows_per_file` rows named `template`, each in
-    row groups of `rows_per_group`: the bytes depend only on the rows, not on the pieces."""
-    parts: list[Path] = []
-    writer, in_file = None, 0
-    try:
-        for group in _rechunk(pieces, _group_sizes(rows_per_file, rows_per_group)):
-            if writer is None:
-                parts.append(folder / template.format(len(parts)))
-                writer = pq.ParquetWriter(parts[-1], schema)
-            writer.write_table(group, row_group_size=group.num_rows)
-            in_file += group.num_rows
-            if in_file == rows_per_file:
-                writer.close()
-                writer, in_file = None, 0
-    finally:
-        if writer is not None:
-            writer.close()
-    return parts
-
-
 def _normalize_parts(folder: Path, template: str, schema: pa.Schema, rows_per_file: int,
-                     sort_key: str = SORT_KEY, *, sort_buffer_bytes: int = SORT_BUFFER_BYTES,
-                     merge_buffer_bytes: int = MERGE_BUFFER_BYTES,
-                     fan_in: int = MERGE_FAN_IN) -> list[Path]:
-    """Replace Ray's ``task-*.parquet`` files (their order and split depend on scheduling) by
-    files of `rows_per_file` rows sorted by `sort_key`, named `template`: the output is then
-    byte-identical for any concurrency, block layout or re-run.
-
-    An external merge sort, so the driver's memory does not grow with the output: chunks of
-    about `sort_buffer_bytes` are sorted into run files, then merged `fan_in` runs at a time
-    (several passes if needed) reading about `merge_buffer_bytes` in all; output files are
-    written in row groups of ROW_GROUP_ROWS as the merge goes.
-    """
+                     sort_key: str = SORT_KEY, **buffers: int) -> list[Path]:
+    """Replace Ray's ``task-*.parquet`` files in ``folder`` (their order and split depend on
+    scheduling) by sorted files of ``rows_per_file`` rows (data.external_sort.sort_parts)."""
     written = sorted(p for p in folder.iterdir() if _TASK_FILE.match(p.name))
-    if not written:
-        return []
-    row_bytes = _row_bytes(written)
-    rows_per_group = min(rows_per_file, ROW_GROUP_ROWS)
-    if sort_key not in schema.names:  # keep Ray's (task) order, re-split into equal files
-        def pieces() -> Iterator[pa.Table]:
-            for path in written:
-                yield from _row_groups(path, schema)
-        parts = _write_parts(pieces(), folder, template, schema, rows_per_file, rows_per_group)
-        for path in written:
-            path.unlink()
-        return parts
-    fan_in = max(2, fan_in)
-
-    def batch_rows(num_runs: int) -> int:  # rows read at a time from each of num_runs runs
-        return max(MIN_MERGE_BATCH_ROWS, merge_buffer_bytes // (min(num_runs, fan_in) * row_bytes))
-
-    runs_dir = folder / SORT_RUNS_DIR
-    runs_dir.mkdir()
-    run_rows = max(1, sort_buffer_bytes // row_bytes)
-    num_runs = math.ceil(sum(pq.read_metadata(p).num_rows for p in written) / run_rows)
-    runs = _sorted_runs(written, runs_dir, schema, sort_key, run_rows, batch_rows(num_runs))
-    merge_pass = 0
-    while len(runs) > fan_in:  # merge groups of fan_in runs into longer runs
-        merged, next_rows = [], batch_rows(math.ceil(len(runs) / fan_in))
-        for start in range(0, len(runs), fan_in):
-            group = runs[start:start + fan_in]
-            out = runs_dir / f"pass{merge_pass:02d}-{start:06d}.parquet"
-            with pq.ParquetWriter(out, schema, **RUN_FILE_OPTIONS) as writer:
-                pieces = _merge_runs(group, schema, sort_key)
-                for rows in _rechunk(pieces, itertools.repeat(next_rows)):
-                    writer.write_table(rows, row_group_size=next_rows)
-            for run in group:
-                run.unlink()
-            merged.append(out)
-        runs, merge_pass = merged, merge_pass + 1
-    parts = _write_parts(_merge_runs(runs, schema, sort_key), folder, template, schema,
-                         rows_per_file, rows_per_group)
-    shutil.rmtree(runs_dir)
-    return parts
+    return sort_parts(written, folder, template, schema, rows_per_file, sort_key, **buffers)
 
 
 def actor_threads(num_cpus: float) -> int:
@@ -515,7 +318,7 @@ def run_map_job(
                              min_rows_per_file=rows_per_block,
                              # small row groups: the driver then sorts them in bounded memory
                              row_group_size=max(MIN_MERGE_BATCH_ROWS, TASK_ROW_GROUP_BYTES
-                                                // _schema_row_bytes(output_schema)))
+                                                // schema_row_bytes(output_schema)))
         tmp.mkdir(parents=True, exist_ok=True)  # an empty result writes no files
         parts = _normalize_parts(tmp, file_template, output_schema, rows_per_file)
         num_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)

@@ -53,7 +53,7 @@ class SweepResult:
 
 @dataclass(frozen=True)
 class TrialOps:
-    """The stage functions a trial runs, handed in by the caller (pipeline.trial_ops), so this
+    """The stage functions a trial runs, handed in by the caller (experiment.trial_ops), so this
     module never imports the orchestration layer above it."""
 
     train: Any  # (cfg, tracker=, progress=) -> result with .checkpoint and .metrics

@@ -1,6 +1,6 @@
 """One module per paper; importing this package registers every method's components and recipes.
 
-The plain diffusion recipe (data -> train -> sample -> evaluate, pipeline.diffusion_stages) is
+The plain diffusion recipe (data -> train -> sample -> evaluate, stages.diffusion_stages) is
 registered here: it is the baseline every method is compared with.
 """
 

@@ -1,7 +1,7 @@
 """What a method module may use: the declared API for method authors.
 
 A method is one module in this package plus configs. It registers its own components and builds
-its recipe from these pieces only (never from the internals of pipeline, recipes or distributed):
+its recipe from these pieces only (never from the internals of stages, recipes or distributed):
 
 - config: :func:`register_section` (its typed ``<name>:`` section; ``affects_training`` and
   ``check``), :func:`register_validator`, :class:`ExperimentConfig`, :class:`ClassifierConfig`
@@ -30,7 +30,6 @@ from debiaslab.diffusion.guidance import GUIDANCE
 from debiaslab.diffusion.losses import LOSSES
 from debiaslab.diffusion.weighting import WEIGHTINGS
 from debiaslab.nets import NETS
-from debiaslab.pipeline import aux_model_stage, diffusion_stages, side_table_stage
 from debiaslab.progress import log, progress
 from debiaslab.recipes import (
     Recipe,
@@ -42,6 +41,7 @@ from debiaslab.recipes import (
     requires,
 )
 from debiaslab.registry import Registry
+from debiaslab.stages import aux_model_stage, diffusion_stages, side_table_stage
 
 __all__ = ["GUIDANCE", "LOSSES", "NETS", "WEIGHTINGS", "ClassifierConfig", "ExperimentConfig",
            "Recipe", "Registry", "Stage", "StageOutput", "aux_model_stage", "diffusion_stages",

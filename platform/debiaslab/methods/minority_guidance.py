@@ -302,7 +302,7 @@ def classes_stage(cfg: ExperimentConfig, ctx: Any) -> Any:
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.data.side_tables import write_side_table
     from debiaslab.methods.api import StageOutput, make_artifact
-    from debiaslab.training.classifier import stratified_split
+    from debiaslab.training.classifier_data import stratified_split
 
     m = cfg.minority
     dataset_path = Path(ctx.inputs["dataset"].path)

@@ -1,25 +1,32 @@
 """The classifier trainer: p(label | x_t, t) on noisy images, or a head on feature-table rows,
 trained by the shared `Trainer` (same atomic checkpoints, exact resume, Ray Train, DDP = one
-process); per-timestep validation, its plot, and `load_classifier` for sampling-time guidance.
+process), and `load_classifier` for sampling-time guidance. What it trains on is in
+``classifier_data``; its per-timestep validation and plot in ``classifier_eval``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from debiaslab.config import ClassifierConfig, ExperimentConfig, check_name, to_dict
-from debiaslab.data.pixels import from_uint8
-from debiaslab.diffusion.schedules import VPSchedule, build_schedule
+from debiaslab.diffusion.schedules import build_schedule
 from debiaslab.errors import CheckpointError, ConfigError, DataError, describe_error
+from debiaslab.training.classifier_data import (
+    INPUT_FEATURES,
+    INPUT_IMAGES,
+    ClassifierData,
+    load_classifier_data,
+    split_data,
+    timestep_bounds,
+)
+from debiaslab.training.classifier_eval import classifier_logits, evaluate_classifier
 from debiaslab.training.loop import (
     STREAM_NOISE,
     StepBatch,
@@ -29,11 +36,7 @@ from debiaslab.training.loop import (
     select_device,
 )
 
-INPUT_IMAGES, INPUT_FEATURES = "noisy_images", "features"
-LABEL_CLASS, ATTR_PREFIX, SIDE_PREFIX = "class", "attr:", "side:"
 RUN_SUFFIX = "classifier"  # the classifier run is "<experiment>.classifier"
-EVAL_BATCH = 256  # rows per forward pass in evaluate_classifier
-_EVAL_SEED_STRIDE = 1_000_003
 # the classifier settings a resume may not change (besides model.*, train.*, diffusion.*)
 RESUME_COMPARED = ("input", "label", "features", "timestep_range", "class_names", "rows_hash")
 
@@ -57,239 +60,7 @@ def classifier_experiment(cfg: ExperimentConfig, section: str = "classifier",
     return dataclasses.replace(cfg, name=name, model=aux.model, train=aux.train, classifier=aux)
 
 
-# ------------------------------------------------------------------------------------ data
-
-
-@dataclass
-class ClassifierData:
-    """Rows a classifier trains on, aligned: inputs, integer labels 0..K-1 and the K names.
-
-    ``inputs``: uint8 images [N, C, H, W] (kind noisy_images; noised at training time) or float
-    features [N, ...] (kind features). ``timesteps``: per-row timesteps of the features (None: a
-    time-free head). ``cond``: class labels to condition on (model.class_conditional).
-    ``source_hash``: content hash of the dataset the rows come from; ``rows``: their indices in
-    it (default 0..N-1).
-    """
-
-    kind: str
-    inputs: Tensor
-    labels: Tensor
-    class_names: list[str]
-    timesteps: Tensor | None = None
-    cond: Tensor | None = None
-    num_cond_classes: int = 0
-    source_hash: str = ""
-    rows: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in (INPUT_IMAGES, INPUT_FEATURES):
-            raise ConfigError(f"classifier.input: unknown input {self.kind!r}; allowed: "
-                              f"{INPUT_IMAGES}, {INPUT_FEATURES}")
-        self.inputs = torch.as_tensor(self.inputs)
-        if self.kind == INPUT_IMAGES and (self.inputs.dtype != torch.uint8
-                                          or self.inputs.ndim != 4):
-            raise DataError(f"noisy_images inputs must be uint8 [N, C, H, W], got "
-                            f"{self.inputs.dtype} {tuple(self.inputs.shape)}")
-        if self.kind == INPUT_FEATURES:
-            self.inputs = self.inputs.float()
-            if self.inputs.ndim < 2 or not torch.isfinite(self.inputs).all():
-                raise DataError(f"features must be finite numbers [N, ...], got shape "
-                                f"{tuple(self.inputs.shape)}")
-        n = self.inputs.shape[0]
-        self.labels = torch.as_tensor(np.asarray(self.labels), dtype=torch.long)
-        if self.labels.shape != (n,):
-            raise DataError(f"labels must be [N={n}] aligned to the rows, got "
-                            f"{tuple(self.labels.shape)}")
-        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
-            raise DataError(f"labels must lie in 0..{len(self.class_names) - 1} (one per class "
-                            f"name), got {int(self.labels.min())}..{int(self.labels.max())}")
-        for key in ("timesteps", "cond"):
-            value = getattr(self, key)
-            if value is not None:
-                value = torch.as_tensor(np.asarray(value))
-                if value.shape != (n,):
-                    raise DataError(f"{key} must be [N={n}], got {tuple(value.shape)}")
-                setattr(self, key, value.long() if key == "cond" else value.float())
-        self.rows = torch.arange(n) if self.rows is None else torch.as_tensor(self.rows).long()
-        self.class_names = [str(c) for c in self.class_names]
-
-    def __len__(self) -> int:
-        return int(self.inputs.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.inputs.shape[1:])
-
-    @property
-    def num_outputs(self) -> int:
-        return len(self.class_names)
-
-    def subset(self, idx: Tensor | np.ndarray | Sequence[int]) -> "ClassifierData":
-        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-
-        def pick(values: Tensor | None) -> Tensor | None:
-            return None if values is None else values[idx]
-
-        return dataclasses.replace(self, inputs=self.inputs[idx], labels=self.labels[idx],
-                                   timesteps=pick(self.timesteps), cond=pick(self.cond),
-                                   rows=self.rows[idx])
-
-    def float_inputs(self, idx: Tensor) -> Tensor:
-        """Rows ``idx`` as float: images in [-1, 1], features as stored."""
-        x = self.inputs[idx]
-        return from_uint8(x) if self.kind == INPUT_IMAGES else x
-
-    def rows_hash(self) -> str:
-        """sha256 of what the rows mean: their indices, labels, class names, timesteps,
-        conditioning labels and (features) values; the image content is ``source_hash``."""
-        h = hashlib.sha256(f"{self.kind}|{self.source_hash}|{self.class_names}".encode())
-        parts = [self.rows, self.labels, self.timesteps, self.cond]
-        if self.kind == INPUT_FEATURES:
-            parts.append(self.inputs)
-        for part in parts:
-            h.update(b"-" if part is None else part.contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-
-def dataset_labels(dataset: Any, label: str) -> tuple[np.ndarray, list[str]]:
-    """(labels int64 [N] aligned to the dataset's rows, -1 for none; class names) of ``label``:
-    "class" (the dataset's classes), "attr:<name>" (a 0/1 attribute: ["not <name>", "<name>"])
-    or "side:<table>.<column>" (an integer side-table column joined by id; classes 0..max)."""
-    if label == LABEL_CLASS:
-        return dataset.labels.numpy().astype(np.int64), list(dataset.class_names)
-    if label.startswith(ATTR_PREFIX):
-        name = label[len(ATTR_PREFIX):]
-        if name not in dataset.attr_names:
-            raise ConfigError(f"classifier.label: {label!r}: the dataset has no attribute "
-                              f"{name!r}; attributes: {', '.join(dataset.attr_names) or '(none)'}")
-        column = dataset.attributes[:, dataset.attr_names.index(name)].numpy().astype(np.int64)
-        return column, [f"not {name}", name]
-    if label.startswith(SIDE_PREFIX):
-        values = side_column(dataset, label[len(SIDE_PREFIX):], "classifier.label")
-        if values.ndim != 1 or not np.issubdtype(values.dtype, np.integer):
-            raise ConfigError(f"classifier.label: {label!r} must be an integer column [N], got "
-                              f"{values.dtype} {values.shape[1:]}")
-        labels = values.astype(np.int64)
-        count = int(labels.max()) + 1 if (labels >= 0).any() else 0
-        return labels, [str(k) for k in range(count)]
-    raise ConfigError(f"classifier.label: unknown label {label!r}; allowed: {LABEL_CLASS}, "
-                      f"{ATTR_PREFIX}<name>, {SIDE_PREFIX}<table>.<column>")
-
-
-def side_column(dataset: Any, spec: str, key: str) -> np.ndarray:
-    """Side-table column ``<table>.<column>`` of ``dataset``'s folder aligned to its rows (the
-    column is after the last dot: table names may hold dots, e.g. ``<run>.mscore``)."""
-    from debiaslab.data.side_tables import join, read_side_table
-
-    table, dot, column = spec.rpartition(".")
-    if not (table and dot and column):
-        raise ConfigError(f"{key}: {spec!r} must name a side table column as <table>.<column>")
-    side = read_side_table(dataset.manifest.path, table, [column])
-    return join(dataset.ids, side, column)
-
-
-def image_data(dataset: Any, label: str = LABEL_CLASS, *,
-               class_conditional: bool = False) -> ClassifierData:
-    """A noisy-image classifier's rows of an ImageDataset: the rows that have a ``label``
-    (see `dataset_labels`), conditioned on the dataset's class when ``class_conditional``."""
-    labels, names = dataset_labels(dataset, label)
-    keep = labels >= 0
-    cond = None
-    if class_conditional:
-        cond = dataset.labels.numpy()
-        keep &= cond >= 0
-        cond = cond[keep]
-    rows = np.flatnonzero(keep)
-    if not len(rows):
-        raise DataError(f"{dataset.manifest.path}: no row has a {label!r} label")
-    return ClassifierData(INPUT_IMAGES, dataset.images[torch.from_numpy(rows)], labels[keep],
-                          names, cond=cond,
-                          num_cond_classes=int(dataset.num_classes) if class_conditional else 0,
-                          source_hash=str(dataset.content_hash), rows=torch.from_numpy(rows))
-
-
-def feature_data(features: np.ndarray | Tensor, labels: np.ndarray | Tensor,
-                 class_names: Sequence[str], *, timesteps: np.ndarray | Tensor | None = None,
-                 source_hash: str = "") -> ClassifierData:
-    """A head's rows: float features [N, ...] (vectors or N-D tensors), int labels [N] in
-    0..K-1 and K class names, optionally the timestep [N] each row was computed at."""
-    return ClassifierData(INPUT_FEATURES, torch.as_tensor(np.asarray(features)), labels,
-                          list(class_names), timesteps=timesteps, source_hash=source_hash)
-
-
-def load_classifier_data(cfg: ExperimentConfig) -> ClassifierData:
-    """``cfg.classifier``'s rows from the experiment's built training set (what Ray workers
-    call): labels from ``classifier.label``; for input=features, the float side-table column
-    ``classifier.features`` as inputs."""
-    from debiaslab.data.locate import load_training_data
-
-    c = cfg.classifier
-    dataset = load_training_data(cfg)
-    if c.input == INPUT_IMAGES:
-        return image_data(dataset, c.label, class_conditional=cfg.model.class_conditional)
-    if not c.features:
-        raise ConfigError("classifier.features: input=features needs the side table column "
-                          "<table>.<column> that holds the features")
-    features = side_column(dataset, c.features, "classifier.features")
-    labels, names = dataset_labels(dataset, c.label)
-    keep = np.flatnonzero(labels >= 0)
-    return ClassifierData(INPUT_FEATURES, torch.as_tensor(features[keep]), labels[keep], names,
-                          source_hash=str(dataset.content_hash), rows=torch.from_numpy(keep))
-
-
-def stratified_split(labels: Tensor | np.ndarray, val_fraction: float, seed: int
-                     ) -> tuple[Tensor, Tensor]:
-    """(train, validation) row indices, sorted: round(val_fraction * n_c) random rows of each
-    label c go to validation (at least one row of each label stays in training)."""
-    labels = np.asarray(labels)
-    if not 0.0 <= val_fraction < 1.0:
-        raise ConfigError(f"classifier.val_fraction: must be in [0, 1), got {val_fraction}")
-    rng = np.random.default_rng(seed)
-    val: list[np.ndarray] = []
-    for c in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == c))
-        val.append(members[:min(round(val_fraction * len(members)), len(members) - 1)])
-    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
-    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
-    return torch.from_numpy(train_idx).long(), torch.from_numpy(val_idx).long()
-
-
-def split_data(cfg: ExperimentConfig, data: ClassifierData
-               ) -> tuple[ClassifierData, ClassifierData]:
-    """(training rows, validation rows) of ``data``: stratified by label,
-    ``classifier.val_fraction`` held out, seeded by ``train.seed``."""
-    train_idx, val_idx = stratified_split(data.labels, cfg.classifier.val_fraction,
-                                          cfg.train.seed)
-    return data.subset(train_idx), data.subset(val_idx)
-
-
-def timestep_bounds(cfg: ExperimentConfig) -> tuple[int, int]:
-    """Inclusive [lo, hi] of the training timesteps: ``classifier.timestep_range`` or 0..T-1."""
-    T = cfg.diffusion.num_timesteps
-    rng = cfg.classifier.timestep_range
-    if not rng:
-        return 0, T - 1
-    if len(rng) != 2 or not 0 <= rng[0] <= rng[1] <= T - 1:
-        raise ConfigError(f"classifier.timestep_range: must be [lo, hi] with 0 <= lo <= hi <= "
-                          f"{T - 1} (diffusion.num_timesteps - 1), got {list(rng)}")
-    return int(rng[0]), int(rng[1])
-
-
 # ------------------------------------------------------------------------------------ task
-
-
-def classifier_logits(model: nn.Module, x: Tensor, *, t: Tensor | None = None,
-                      noise: Tensor | None = None, schedule: VPSchedule | None = None,
-                      y: Tensor | None = None) -> Tensor:
-    """Logits of ``model``: on x_t = sqrt(abar_t) x + sqrt(1 - abar_t) noise when ``noise`` is
-    given (noisy images), else on ``x`` (features), at float timesteps t (if any)."""
-    if noise is not None:
-        if schedule is None or t is None:
-            raise ValueError("noisy inputs need the timesteps t and the schedule")
-        a, s = schedule.alpha_sigma(t, x)
-        x = a * x + s * noise
-    args = () if t is None else (t.to(x.device, torch.float32),)
-    return model(x, *args, **({} if y is None else {"y": y}))
 
 
 class ClassifierTask(TrainTask):
@@ -451,131 +222,6 @@ def validate_checkpoint(cfg: ExperimentConfig, checkpoint: str | Path,
     model, _ = load_classifier(checkpoint, device)
     _, val_rows = split_data(cfg, load_classifier_data(cfg))
     return evaluate_config(cfg, model, val_rows)
-
-
-# ------------------------------------------------------------------------------------ evaluate
-
-
-def bucket_edges(lo: int, hi: int, buckets: int) -> list[int]:
-    """Integer edges of ``buckets`` equal-width buckets over lo..hi: bucket b is
-    edges[b]..edges[b+1]-1 (fewer buckets when the range is narrower than ``buckets``)."""
-    width = hi - lo + 1
-    buckets = max(1, min(buckets, width))
-    return [lo + (width * b) // buckets for b in range(buckets + 1)]
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, data: ClassifierData, *, schedule: VPSchedule,
-                        buckets: int, seed: int, timestep_range: tuple[int, int] | None = None,
-                        device: str | torch.device | None = None) -> dict[str, Any]:
-    """Accuracy and mean cross-entropy per timestep bucket (equal-width buckets over the
-    timestep range, default 0..T-1), deterministic.
-
-    Noisy images: every row is scored once in every bucket, at a timestep drawn uniformly from
-    the bucket and with noise, both from the row's own generator (seed, row index). Features with
-    timesteps: rows fall into the bucket of their timestep; without: one bucket of all rows.
-    Returns lists ``t_lo``, ``t_hi``, ``accuracy``, ``loss``, ``count`` and the means
-    ``accuracy_mean``, ``loss_mean`` over all scored rows (NaN where nothing was scored).
-    """
-    lo, hi = timestep_range or (0, schedule.num_timesteps - 1)
-    time_free = data.kind == INPUT_FEATURES and data.timesteps is None
-    edges = [lo, hi + 1] if time_free else bucket_edges(lo, hi, buckets)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    n, nb = len(data), len(edges) - 1
-    correct, loss_sum, count = np.zeros(nb), np.zeros(nb), np.zeros(nb, dtype=np.int64)
-    if data.kind == INPUT_IMAGES and n:
-        for b in range(nb):
-            for s in range(0, n, EVAL_BATCH):
-                idx = torch.arange(s, min(s + EVAL_BATCH, n))
-                t, noise = _eval_draws(data, idx, b, edges, seed)
-                y = (data.cond[idx].to(device) if data.cond is not None and _conditional(model)
-                     else None)
-                logits = classifier_logits(model, data.float_inputs(idx).to(device),
-                                           t=t.to(device), noise=noise.to(device),
-                                           schedule=schedule, y=y)
-                _accumulate(logits, data.labels[idx], b, correct, loss_sum, count)
-    elif n:
-        if time_free:
-            which = torch.zeros(n, dtype=torch.long)
-        else:
-            cuts = torch.tensor(edges[1:-1], dtype=torch.float32)
-            which = torch.bucketize(data.timesteps, cuts, right=True)
-        for s in range(0, n, EVAL_BATCH):
-            idx = torch.arange(s, min(s + EVAL_BATCH, n))
-            t = None if data.timesteps is None else data.timesteps[idx].to(device)
-            logits = classifier_logits(model, data.float_inputs(idx).to(device), t=t)
-            for b in which[idx].unique().tolist():
-                mask = which[idx] == b
-                _accumulate(logits[mask.to(logits.device)], data.labels[idx][mask], b, correct,
-                            loss_sum, count)
-    model.train(was_training)
-    with np.errstate(invalid="ignore", divide="ignore"):  # empty buckets: NaN
-        return {
-            "t_lo": edges[:-1], "t_hi": [e - 1 for e in edges[1:]],
-            "accuracy": (correct / count).tolist(), "loss": (loss_sum / count).tolist(),
-            "count": count.tolist(), "accuracy_mean": float(correct.sum() / count.sum()),
-            "loss_mean": float(loss_sum.sum() / count.sum()),
-        }
-
-
-def _eval_draws(data: ClassifierData, idx: Tensor, bucket: int, edges: list[int], seed: int
-                ) -> tuple[Tensor, Tensor]:
-    """Timesteps (uniform in the bucket) and noise of rows ``idx`` in ``bucket``, each from the
-    generator of (seed, row, bucket): the same whatever the batching or the other rows."""
-    nb = len(edges) - 1
-    lo, width = edges[bucket], edges[bucket + 1] - edges[bucket]
-    t = torch.empty(len(idx), dtype=torch.long)
-    noise = torch.empty((len(idx),) + data.shape)
-    for i, row in enumerate(data.rows[idx].tolist()):
-        g = torch.Generator().manual_seed((seed * _EVAL_SEED_STRIDE + row) * nb + bucket)
-        t[i] = lo + int(torch.randint(0, width, (1,), generator=g))
-        noise[i] = torch.randn(data.shape, generator=g)
-    return t, noise
-
-
-def _conditional(model: nn.Module) -> bool:
-    return getattr(model, "num_classes_cond", None) is not None
-
-
-def _accumulate(logits: Tensor, labels: Tensor, bucket: int, correct: np.ndarray,
-                loss_sum: np.ndarray, count: np.ndarray) -> None:
-    logits = logits.float().cpu()
-    correct[bucket] += float((logits.argmax(1) == labels).sum())
-    loss_sum[bucket] += float(F.cross_entropy(logits, labels, reduction="sum"))
-    count[bucket] += len(labels)
-
-
-def evaluation_metrics(evaluation: dict[str, Any], prefix: str = "val") -> dict[str, float]:
-    """Flat MLflow metrics of an evaluation: ``val/accuracy``, ``val/loss`` and per bucket
-    ``val/accuracy_t<lo>-<hi>``, ``val/loss_t<lo>-<hi>``."""
-    out = {f"{prefix}/accuracy": evaluation["accuracy_mean"],
-           f"{prefix}/loss": evaluation["loss_mean"]}
-    for lo, hi, acc, loss in zip(evaluation["t_lo"], evaluation["t_hi"],
-                                 evaluation["accuracy"], evaluation["loss"]):
-        out[f"{prefix}/accuracy_t{lo}-{hi}"] = acc
-        out[f"{prefix}/loss_t{lo}-{hi}"] = loss
-    return out
-
-
-def plot_classifier_evaluation(evaluation: dict[str, Any], title: str = "") -> Any:
-    """A matplotlib Figure of validation accuracy (left axis) and cross-entropy (right axis) per
-    timestep bucket (no pyplot state: save it with ``fig.savefig``)."""
-    from matplotlib.figure import Figure
-
-    mid = [(lo + hi) / 2 for lo, hi in zip(evaluation["t_lo"], evaluation["t_hi"])]
-    fig = Figure(figsize=(6.0, 3.5), layout="constrained")
-    ax = fig.add_subplot()
-    ax.plot(mid, evaluation["accuracy"], "o-", color="tab:blue", label="accuracy")
-    ax.set_xlabel("timestep t (bucket centre)")
-    ax.set_ylabel("validation accuracy", color="tab:blue")
-    ax.set_ylim(0.0, 1.02)
-    ax2 = ax.twinx()
-    ax2.plot(mid, evaluation["loss"], "s--", color="tab:red", label="cross-entropy")
-    ax2.set_ylabel("validation cross-entropy", color="tab:red")
-    ax.set_title(title or "classifier validation per timestep bucket")
-    return fig
 
 
 # ------------------------------------------------------------------------------------ load

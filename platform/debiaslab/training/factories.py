@@ -22,7 +22,8 @@ def classifier_trainer(cfg: ExperimentConfig, **kwargs: Any) -> Any:
     """The classifier `Trainer` of a classifier run's config (training.classifier
     .classifier_experiment) on the training part of its stratified split: labels (and features)
     resolved from ``cfg.classifier`` against the experiment's dataset folder."""
-    from debiaslab.training.classifier import ClassifierTask, load_classifier_data, split_data
+    from debiaslab.training.classifier import ClassifierTask
+    from debiaslab.training.classifier_data import load_classifier_data, split_data
     from debiaslab.training.loop import Trainer
 
     train_rows, _ = split_data(cfg, load_classifier_data(cfg))
