@@ -4,6 +4,7 @@ Test modules import the helpers with ``from conftest import X``.
 """
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -186,14 +187,19 @@ def mlflow_server_process(root: Path, *, timeout: float,
 def ray_head_process(temp_dir: Path, env: dict[str, str]) -> Iterator[str]:
     """A real `ray start --head` on 127.0.0.1 (2 CPUs, 1 GiB object store, dashboard on a free
     port); yields the dashboard URL. Stopped by PID (and its process group), and the cluster
-    address file it wrote is removed so that a later ray.init() does not try to attach."""
-    gcs, dash = free_port(), free_port()
+    address file it wrote is removed so that a later ray.init() does not try to attach.
+
+    Its dashboard agent (which runs submitted jobs) listens on a free port: Ray's default, 52365,
+    is taken by the agent of the run's shared in-process Ray, and an agent that cannot bind
+    leaves every submitted job pending."""
+    gcs, dash, agent = free_port(), free_port(), free_port()
     cluster_file = Path("/tmp/ray/ray_current_cluster")
     before = cluster_file.read_text() if cluster_file.exists() else None
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--include-dashboard", "true", "--num-cpus", "2", "--object-store-memory",
+         "--include-dashboard", "true", "--dashboard-agent-listen-port", str(agent),
+         "--num-cpus", "2", "--object-store-memory",
          str(1024**3), "--temp-dir", str(temp_dir), "--disable-usage-stats"],
         env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
@@ -208,33 +214,49 @@ def ray_head_process(temp_dir: Path, env: dict[str, str]) -> Iterator[str]:
             cluster_file.unlink()
 
 
-@contextlib.contextmanager
-def local_ray(pickle_by_value: ModuleType | None = None, *,
-              ray_tmp: str | None = None) -> Iterator[None]:
-    """A small local Ray in this process (2 CPUs, 1 GiB object store), always shut down.
+SHARED_RAY_TMP = "/tmp/dl-test-ray"  # short (socket paths), apart from other local clusters
+# a user's own method module that the shared Ray's workers load (DEBIASLAB_PLUGINS), as a user's
+# plugin would be loaded: the batch-dependent guidance of test_distributed_data
+WORKER_PLUGIN = "batch_guidance_plugin"
 
-    ``pickle_by_value``: a test module whose functions and classes Ray workers get by value
-    (they cannot import test modules). ``ray_tmp``: DEBIASLAB_RAY_TMP for the block (restored
-    afterwards), to keep this cluster's files apart from other local clusters."""
+
+@pytest.fixture(scope="session")
+def shared_ray() -> Iterator[ModuleType]:
+    """One small local Ray (2 CPUs, 1 GiB object store) for every in-process Ray test of the
+    run, started by our own start (init_ray) on first use and shut down at the end of the run.
+
+    Its workers import the tests folder's WORKER_PLUGIN as a user's method module. The temp
+    folder is set for the start only, so no subprocess of a later test inherits it. Tests that
+    need a Ray of their own (a fresh start, a killed driver, a network watch) run it in a
+    subprocess."""
     from debiaslab.distributed.runtime import init_ray, ray_env, shutdown_ray
 
+    importlib.import_module(WORKER_PLUGIN)  # the driver's registry gets it too
     old = os.environ.get("DEBIASLAB_RAY_TMP")
-    if ray_tmp is not None:
-        os.environ["DEBIASLAB_RAY_TMP"] = ray_tmp
+    os.environ["DEBIASLAB_RAY_TMP"] = SHARED_RAY_TMP
     try:
         ray_env()  # before ray is imported: loopback-only head, no telemetry
-        import ray.cloudpickle
+        import ray
 
-        if pickle_by_value is not None:
-            ray.cloudpickle.register_pickle_by_value(pickle_by_value)
-        init_ray(num_cpus=2, object_store_memory_gb=1.0)
-        try:
-            yield
-        finally:
-            shutdown_ray()
+        tests_dir = str(Path(__file__).resolve().parent)
+        path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
+        init_ray(num_cpus=2, object_store_memory_gb=1.0,
+                 runtime_env={"env_vars": {"DEBIASLAB_PLUGINS": WORKER_PLUGIN,
+                                           "PYTHONPATH": path}})
     finally:
-        if ray_tmp is not None:
-            if old is None:
-                os.environ.pop("DEBIASLAB_RAY_TMP", None)
-            else:
-                os.environ["DEBIASLAB_RAY_TMP"] = old
+        if old is None:
+            os.environ.pop("DEBIASLAB_RAY_TMP", None)
+        else:
+            os.environ["DEBIASLAB_RAY_TMP"] = old
+    try:
+        yield ray
+    finally:
+        shutdown_ray()
+
+
+def ship_by_value(module: ModuleType) -> None:
+    """Ray workers get a test module's functions and classes by value (they cannot import
+    test modules)."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(module)

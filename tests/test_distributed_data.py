@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import TINY as TINY_CORE
-from conftest import local_ray
+from conftest import WORKER_PLUGIN, ship_by_value
 
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
@@ -24,7 +24,6 @@ from debiaslab.metrics.features import build_extractor
 from debiaslab.sampling import generate, load_trained, sample_labels
 from debiaslab.training.loop import Trainer
 
-RAY_TMP = "/tmp/dl-data-test"  # short (socket paths) and separate from other local clusters
 FEATURE_TOLERANCE = 1e-5
 TINY = TINY_CORE + ["train.steps=5", "train.warmup_steps=2", "train.checkpoint_every=5",
                     "name=tiny"]
@@ -43,26 +42,12 @@ PLUGIN = "batch_guidance_plugin"  # tests/batch_guidance_plugin.py: a batch-depe
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(shared_ray):
     # actors unpickle this module's mapper classes by value (the test module is not importable);
-    # the workers load the test plugin as a user's own method module (DEBIASLAB_PLUGINS)
-    import importlib
-    import os
-
-    importlib.import_module(PLUGIN)  # the driver's registry (plugins.load already ran here)
-    tests_dir = str(Path(__file__).resolve().parent)
-    saved = {k: os.environ.get(k) for k in ("DEBIASLAB_PLUGINS", "PYTHONPATH")}
-    os.environ["DEBIASLAB_PLUGINS"] = PLUGIN
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [tests_dir, saved["PYTHONPATH"]]))
-    try:
-        with local_ray(sys.modules[__name__], ray_tmp=RAY_TMP):
-            yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    # the workers load the test plugin PLUGIN as a user's own method module (conftest)
+    assert PLUGIN == WORKER_PLUGIN
+    ship_by_value(sys.modules[__name__])
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import TINY as TINY_CORE
-from conftest import local_ray, mlflow_server_process
+from conftest import mlflow_server_process, ship_by_value
 
 from debiaslab.checkpoints import list_checkpoints, load_checkpoint
 from debiaslab.config import ExperimentConfig, load_config
@@ -109,11 +109,11 @@ def out_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(out_dir):
-    """One small local Ray for the module (2 CPUs, 1 GiB object store), always shut down."""
+def ray_cluster(shared_ray, out_dir):
+    """The run's shared local Ray (conftest.shared_ray)."""
     # workers cannot import this test module: ship its factory and Trainer subclass by value
-    with local_ray(sys.modules[__name__]):
-        yield
+    ship_by_value(sys.modules[__name__])
+    yield
 
 
 def make_cfg(out_dir: Path, name: str, *extra: str) -> ExperimentConfig:

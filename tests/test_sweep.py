@@ -17,7 +17,6 @@ from netwatch import HAS_PROC, RAY_FIRST, ListenWatcher, check_loopback_only, sc
 
 from debiaslab.config import load_config
 from debiaslab.data.dataset import ImageDataset
-from debiaslab.distributed.runtime import init_ray, shutdown_ray
 from debiaslab.errors import ConfigError
 from debiaslab.experiment import run_sweep
 from debiaslab.stages import build_data
@@ -57,18 +56,9 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_env_tmp():
-    """One local Ray in this process for the module's in-process sweeps (each sweep reuses a
-    running Ray), under its own temp dir; shut down at the end."""
-    old = os.environ.get("DEBIASLAB_RAY_TMP")
-    os.environ["DEBIASLAB_RAY_TMP"] = RAY_TMP
-    init_ray(num_cpus=2, object_store_memory_gb=1.0)
+def ray_env_tmp(shared_ray):
+    """The run's shared local Ray (conftest.shared_ray): each in-process sweep reuses it."""
     yield
-    shutdown_ray()
-    if old is None:
-        os.environ.pop("DEBIASLAB_RAY_TMP", None)
-    else:
-        os.environ["DEBIASLAB_RAY_TMP"] = old
 
 
 def write_sweep(root: Path, experiment: Path, name: str, **fields) -> Path:
@@ -128,16 +118,22 @@ def children(cfg, sweep_name: str) -> list:
     ({"params": {"sample.guidance.cfg.omega": {"type": "float", "low": 0.0, "high": float("inf")}}},
      "params.sample.guidance.cfg.omega.high: must be a finite number"),
 ])
-def test_bad_sweeps_fail_in_one_line_before_any_trial(base, tmp_path, change, message):
+def test_bad_sweeps_fail_in_one_line_before_any_trial(base, tmp_path, change, message,
+                                                     monkeypatch):
     import ray
+
+    import debiaslab.distributed.sweep as tune_sweep
 
     root, experiment, _ = base
     name = change.pop("sweep_name", "bad")
     path = write_sweep(tmp_path, experiment, name, **change)
+    running = ray.is_initialized()  # the run's shared Ray, if an earlier test started it
+    starts = []
+    monkeypatch.setattr(tune_sweep, "init_ray", lambda *a, **k: starts.append(a))
     with pytest.raises(ConfigError) as info:
         run_sweep(path)
     assert message in str(info.value) and "\n" not in str(info.value)
-    assert not ray.is_initialized()  # nothing started
+    assert not starts and ray.is_initialized() == running  # nothing started
     assert not (tmp_path / "out").exists()
 
 

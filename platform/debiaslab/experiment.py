@@ -49,7 +49,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, stages: Any 
         done = run_recipe(cfg, only=stages, force=force, progress=progress,
                           parent_tags=run_tags(cfg), before=preflight)
     result = StageResult(run_dir=cfg.run_dir, mlflow_run_id=done.mlflow_run_id,
-                         metrics=dict(done.metrics))
+                         metrics=dict(done.metrics), seconds=dict(done.seconds))
     for output in done.stages.values():
         part = output.result
         if isinstance(part, StageResult):

@@ -22,9 +22,22 @@ DEFAULT_INTERVAL_S = 30.0
 _clock = time.monotonic  # module-level so tests can substitute a fake clock
 
 
+_label = ""  # set_process_label: this process's name in its lines (side-by-side work)
+
+
+def set_process_label(label: str) -> None:
+    """Name this process in every status and progress line it writes, and write plain lines
+    even on a terminal: for work that runs side by side with other processes sharing the
+    terminal (the quickstart's two experiments), where tqdm bars would overwrite each other."""
+    global _label
+    _label = label
+
+
 def log(msg: str) -> None:
-    """The one status line format of the project: ``[debiaslab] msg`` on stdout, flushed."""
-    print(f"[debiaslab] {msg}", flush=True)
+    """The one status line format of the project: ``[debiaslab] msg`` on stdout, flushed
+    (``[debiaslab] label: msg`` in a labelled process)."""
+    head = f"{_label}: " if _label else ""
+    print(f"[debiaslab] {head}{msg}", flush=True)
 
 
 def progress_interval() -> float:
@@ -147,7 +160,7 @@ class LineProgress:
         rate = f"{speed} {self.unit}/s"
         count = f"{self.n:g}/{self.total:g}" if self.total is not None else f"{self.n:g}"
         percent = f"{100.0 * self.n / self.total:3.0f}% " if self.total else ""
-        head = f"{self.desc}: " if self.desc else ""
+        head = "".join(f"{part}: " for part in (_label, self.desc) if part)
         tail = f", {self.postfix}" if self.postfix else ""
         return f"{head}{percent}{count} {self.unit} [{_format_seconds(elapsed)}, {rate}{tail}]"
 
@@ -171,7 +184,7 @@ def progress(iterable: Iterable[Any] | None = None, *, total: float | None = Non
     Extra keyword arguments (``dynamic_ncols``, ...) go to tqdm only.
     """
     stream = file if file is not None else sys.stderr
-    if not disable and is_interactive(stream):
+    if not disable and not _label and is_interactive(stream):
         from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, leave=leave,

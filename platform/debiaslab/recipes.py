@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -221,6 +222,7 @@ class RecipeResult:
     stages: dict[str, StageOutput] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage that ran
     mlflow_run_id: str | None = None
 
 
@@ -282,7 +284,10 @@ def _walk(cfg: ExperimentConfig, recipe: Recipe, wanted: list[str], result: Reci
             result.metrics.update(record.get("metrics", {}))
             continue
         log(f"stage {stage.name}: running ({resolve_backend(cfg, stage)})")
+        start = time.monotonic()
         output = run_stage(scfg, stage, inputs, parent=parent, force=force, progress=progress)
+        result.seconds[stage.name] = time.monotonic() - start
+        log(f"stage {stage.name}: done in {result.seconds[stage.name]:.0f} s")
         write_record(scfg, stage, key, output.artifacts, output.metrics)
         result.outputs.update(output.artifacts)
         result.stages[stage.name] = output

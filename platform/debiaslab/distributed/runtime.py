@@ -11,6 +11,7 @@ from typing import Any, Iterator
 from debiaslab.errors import ConfigError
 
 GIB = 1024**3
+DEFAULT_RAY_TMP = "/tmp/debiaslab-ray"  # ours, not Ray's default /tmp/ray (DEBIASLAB_RAY_TMP)
 LOOPBACK_IP = "127.0.0.1"
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no telemetry to outside servers
@@ -141,7 +142,7 @@ def init_ray(address: str = "", *, object_store_memory_gb: float = 2.0,
 
 def short_temp_dir() -> str:
     """Ray's temp dir must stay short (Unix socket paths are limited to ~107 bytes)."""
-    path = Path(os.environ.get("DEBIASLAB_RAY_TMP", "/tmp/ray"))
+    path = Path(os.environ.get("DEBIASLAB_RAY_TMP", DEFAULT_RAY_TMP))
     if len(str(path)) > 40:
         raise ConfigError(f"DEBIASLAB_RAY_TMP={path} is too long for Ray's socket paths")
     return str(path)

@@ -29,3 +29,4 @@ class StageResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     evaluations: dict[str, Any] = field(default_factory=dict)  # sampler -> Evaluation
+    seconds: dict[str, float] = field(default_factory=dict)  # stage -> wall time, stages run
