@@ -20,6 +20,11 @@ def test_plan_gives_each_experiment_a_process_while_cores_last(n, cores, plan):
     assert side_by_side_plan(n, cores) == plan
 
 
+def test_plan_honours_a_chosen_process_count():
+    assert side_by_side_plan(2, 2, processes=1) == (1, 2)  # one at a time, both cores each
+    assert side_by_side_plan(2, 16, processes=5) == (2, 8)  # never more processes than runs
+
+
 def tensors(state, prefix=""):
     """Every tensor of a nested checkpoint dict, by dotted key."""
     if isinstance(state, torch.Tensor):

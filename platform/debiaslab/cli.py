@@ -251,10 +251,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse prints the one-line usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from debiaslab.quickstart import quickstart
 
-    quickstart(output_dir=args.output_dir, overrides=args.overrides, dry_run=args.dry_run)
+    quickstart(output_dir=args.output_dir, overrides=args.overrides, dry_run=args.dry_run,
+               processes=args.processes)
     return 0
 
 
@@ -274,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override both experiments' config, e.g. --set train.steps=100")
     p.add_argument("--dry-run", action="store_true", help="validate both configs and exit")
+    p.add_argument("--processes", type=positive_int, default=None, metavar="N",
+                   help="experiments run at once, the cores split between them (default: one "
+                        "per core, at most 2; 1 = one after the other)")
     p.set_defaults(func=cmd_quickstart)
 
     data = sub.add_parser("data", help="dataset commands",

@@ -160,7 +160,8 @@ class LineProgress:
         rate = f"{speed} {self.unit}/s"
         count = f"{self.n:g}/{self.total:g}" if self.total is not None else f"{self.n:g}"
         percent = f"{100.0 * self.n / self.total:3.0f}% " if self.total else ""
-        head = "".join(f"{part}: " for part in (_label, self.desc) if part)
+        label = _label if _label not in self.desc else ""  # "train NAME" names it already
+        head = "".join(f"{part}: " for part in (label, self.desc) if part)
         tail = f", {self.postfix}" if self.postfix else ""
         return f"{head}{percent}{count} {self.unit} [{_format_seconds(elapsed)}, {rate}{tail}]"
 

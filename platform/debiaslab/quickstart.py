@@ -33,7 +33,8 @@ def quickstart_configs(output_dir: str | Path, overrides: list[str] | None = Non
 
 
 def quickstart(output_dir: str | Path = "outputs/quickstart", overrides: list[str] | None = None,
-               dry_run: bool = False) -> dict[str, StageResult]:
+               dry_run: bool = False, processes: int | None = None
+               ) -> dict[str, StageResult]:
     """Run both experiments end to end and print where to look."""
     from debiaslab.tracking import resolve_tracking_uri, ui_hint
 
@@ -43,7 +44,7 @@ def quickstart(output_dir: str | Path = "outputs/quickstart", overrides: list[st
             print(dump_yaml(cfg), end="---\n")
         print("configs OK (dry run: nothing was run)")
         return {}
-    processes, threads = side_by_side_plan(len(configs))
+    processes, threads = side_by_side_plan(len(configs), processes=processes)
     for cfg in configs:
         log(f"experiment {cfg.name}: weighting={cfg.diffusion.weighting}, "
             f"{cfg.train.steps} steps, samplers {', '.join(cfg.sample.samplers)}")
@@ -94,11 +95,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def side_by_side_plan(n: int, cores: int | None = None) -> tuple[int, int]:
+def side_by_side_plan(n: int, cores: int | None = None, *, processes: int | None = None
+                      ) -> tuple[int, int]:
     """(processes, threads per process) for ``n`` experiments: one process per experiment while
-    cores last, and the cores shared evenly between the processes."""
+    cores last (or ``processes``, at most ``n``), and the cores shared evenly between them."""
     cores = cores or usable_cores()
-    processes = max(1, min(n, cores))
+    processes = max(1, min(n, processes or cores))
     return processes, max(1, cores // processes)
 
 
