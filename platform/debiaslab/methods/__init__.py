@@ -16,4 +16,5 @@ from debiaslab.methods import (  # noqa: E402,F401
     classifier_guidance,
     debias,
     minority_guidance,
+    tiw_dsm,
 )

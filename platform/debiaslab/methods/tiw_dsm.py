@@ -1,0 +1,320 @@
+"""TIW-DSM: Kim et al., "Training Unbiased Diffusion Models From Biased Dataset", ICLR 2024
+(docs/algorithms.md §2).
+
+A large biased set D_bias ~ p_bias and a small unbiased reference D_ref ~ p_data. A discriminator
+D(x_tau, tau) tells the two apart at every noise level of a VP diffusion, so that the ratio of the
+*diffused* densities, w_t = p_data^t / p_bias^t, is D / (1 - D) (or 2D against a 50/50 mixture).
+The score model's per-sample denoising loss is weighted by w_t and its target corrected by
+sigma^2 grad log w_t; both use the same time-dependent ratio (Theorem 1).
+
+This module holds the method's math (one function per equation), its ``tiw:`` config section and
+its losses. The discriminator is a frozen module of the loss: the trainer runs it on its own
+device and never trains, checkpoints or samples with it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import Tensor, nn
+
+from debiaslab.diffusion.losses import EDMLoss, mean_per_sample
+from debiaslab.errors import ConfigError
+from debiaslab.methods.api import LOSSES, register_section
+
+# The VP-SDE of the discriminator (Song et al. 2021; the official code's beta_min, beta_max) and
+# the smallest diffusion time its tau sampler draws.
+BETA_MIN = 0.1
+BETA_MAX = 20.0
+T_MIN = 1e-5
+D_CLIP = 1e-5  # D is clipped to [D_CLIP, 1 - D_CLIP] before any ratio (official)
+TIME_SCALE = 999.0  # tau in (0, 1] is multiplied by this before the network's time embedding
+
+TIW_LOSSES = ("tiw_dsm", "iw_dsm")
+Form = Literal["paper", "code"]
+TrainSet = Literal["bias", "observed"]
+
+
+# ------------------------------------------------------------------------------ VP time
+
+def vp_integral(t: Tensor, b0: float = BETA_MIN, b1: float = BETA_MAX) -> Tensor:
+    """B(t) = int_0^t beta(s) ds = b0 t + (b1 - b0) t^2 / 2 for beta(t) = b0 + (b1 - b0) t."""
+    return b0 * t + 0.5 * (b1 - b0) * t**2
+
+
+def vp_mean(t: Tensor, b0: float = BETA_MIN, b1: float = BETA_MAX) -> Tensor:
+    """m(t) = exp(-B(t) / 2): x_t = m(t) x_0 + s(t) z (the VP marginal's mean factor)."""
+    return torch.exp(-0.5 * vp_integral(t, b0, b1))
+
+
+def vp_std(t: Tensor, b0: float = BETA_MIN, b1: float = BETA_MAX) -> Tensor:
+    """s(t) = sqrt(1 - m(t)^2), computed as sqrt(-expm1(-B)) to stay exact for small t."""
+    return torch.sqrt(-torch.expm1(-vp_integral(t, b0, b1)))
+
+
+def _inverse_integral(value: Tensor, b0: float, b1: float) -> Tensor:
+    """The t >= 0 with B(t) = value (the positive root of the quadratic)."""
+    return (-b0 + torch.sqrt(b0**2 + 2.0 * (b1 - b0) * value)) / (b1 - b0)
+
+
+def tau_from_sigma(sigma: Tensor, b0: float = BETA_MIN, b1: float = BETA_MAX) -> Tensor:
+    """The VP time whose marginal is the EDM (VE) level sigma after scaling: m(tau) =
+    1 / sqrt(1 + sigma^2), i.e. B(tau) = log(1 + sigma^2) (§2.4)."""
+    return _inverse_integral(torch.log1p(sigma**2), b0, b1)
+
+
+def _log_expm1(b: Tensor) -> Tensor:
+    """A = log(1 - e^{-B}) + B = log(e^B - 1), stable for small and large B."""
+    return b + torch.log(-torch.expm1(-b))
+
+
+def _a_range(b0: float, b1: float, t_min: float) -> tuple[Tensor, Tensor]:
+    """(A(t_min), A(1)) in float64."""
+    ends = torch.tensor([t_min, 1.0], dtype=torch.float64)
+    a = _log_expm1(vp_integral(ends, b0, b1))
+    return a[0], a[1]
+
+
+def tau_density(t: Tensor, b0: float = BETA_MIN, b1: float = BETA_MAX,
+                t_min: float = T_MIN) -> Tensor:
+    """The density of :func:`sample_tau` on [t_min, 1]: p(t) = A'(t) / Z, where
+    A'(t) = beta(t) / (1 - e^{-B(t)}) = g(t)^2 / s(t)^2 (likelihood weighting) and
+    Z = A(1) - A(t_min)."""
+    a_min, a_one = _a_range(b0, b1, t_min)
+    t64 = t.to(torch.float64)
+    return ((b0 + (b1 - b0) * t64) / -torch.expm1(-vp_integral(t64, b0, b1))
+            / (a_one - a_min)).to(t.dtype)
+
+
+def sample_tau(u: Tensor, b0: float = BETA_MIN, b1: float = BETA_MAX,
+               t_min: float = T_MIN) -> Tensor:
+    """Likelihood-weighting importance sampling of the diffusion time (Song et al. 2021; the
+    discriminator's tau in Kim et al. 2024, §2.2) by inverting its CDF at u ~ U(0, 1):
+    A(tau) = Z u + A(t_min), so B(tau) = log(1 + exp(Z u + A(t_min))) and tau is the positive
+    root of B. Computed in float64 (A spans ~1e-5 to ~10)."""
+    u64 = u.to(torch.float64)
+    a_min, a_one = _a_range(b0, b1, t_min)
+    b = torch.nn.functional.softplus((a_one - a_min) * u64 + a_min)  # log(1 + e^v)
+    return _inverse_integral(b, b0, b1).to(u.dtype if u.is_floating_point() else torch.float32)
+
+
+def perturb(x0: Tensor, tau: Tensor, noise: Tensor, b0: float = BETA_MIN,
+            b1: float = BETA_MAX) -> Tensor:
+    """x_tau = m(tau) x0 + s(tau) z: the VP marginal the discriminator is trained on."""
+    view = (-1,) + (1,) * (x0.ndim - 1)
+    return vp_mean(tau, b0, b1).view(view) * x0 + vp_std(tau, b0, b1).view(view) * noise
+
+
+# ------------------------------------------------------------------------------ the ratio
+
+Discriminator = Callable[[Tensor, Tensor], Tensor]  # (x_vp [B, ...], tau [B]) -> P(ref) [B]
+
+
+def log_ratio(d: Tensor, train_set: TrainSet) -> Tensor:
+    """log w from a clipped D ~ p_data / (p_data + p_bias) (§2.3, §2.4 FLAG weight 2D):
+    - score training on D_bias: w = p_data / p_bias = D / (1 - D);
+    - on D_obs, a 50/50 mixture of reference and bias: w = p_data / ((p_data + p_bias) / 2) = 2D."""
+    if train_set == "bias":
+        return torch.log(d) - torch.log1p(-d)
+    return math.log(2.0) + torch.log(d)
+
+
+@dataclass(frozen=True)
+class TIWTerms:
+    """Per sample: the loss weight [B] and the target correction (like x), both detached."""
+
+    weight: Tensor
+    correction: Tensor
+
+
+def tiw_terms(disc: Discriminator, x: Tensor, sigma: Tensor, *, form: Form = "paper",
+              train_set: TrainSet = "bias", alpha: float = 1.0, weight: bool = True,
+              correction: bool = True, clip: float = D_CLIP, b0: float = BETA_MIN,
+              b1: float = BETA_MAX) -> TIWTerms:
+    """The time-dependent importance weight and score correction at EDM-space x = y + sigma n.
+
+    The discriminator runs in VP space: tau = tau(sigma), x_vp = x / sqrt(1 + sigma^2). The
+    gradient is taken w.r.t. x only, through D; its parameters receive nothing.
+
+    - ``form: paper`` (Theorem 1 in EDM units): weight w^alpha, correction
+      sigma^2 grad_x log w^alpha = alpha sigma^2 grad_x log w, so the target becomes
+      y + sigma^2 grad log w: the bias denoiser's target moved onto the reference's.
+    - ``form: code`` (the released TIW_EDMLoss formulas, §2.4): weight 2D, correction
+      -sigma^2 grad_x D. Each sample gets its own weight here; the released code's broadcast,
+      which gives every sample the batch's summed weight, is not reproduced.
+    ``weight`` / ``correction`` False drop one term (the C-only and W-only ablations)."""
+    view = (-1,) + (1,) * (x.ndim - 1)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32 at least (bf16 training)
+    sigma = sigma.to(x.device, dtype)
+    tau = tau_from_sigma(sigma, b0, b1)
+    with torch.enable_grad():
+        x_req = x.detach().to(dtype).requires_grad_(True)
+        x_vp = x_req * vp_mean(tau, b0, b1).view(view)
+        d = disc(x_vp, tau).to(dtype).reshape(-1).clamp(clip, 1.0 - clip)
+        if form == "paper":
+            log_w = alpha * log_ratio(d, train_set)
+            (grad,) = torch.autograd.grad(log_w.sum(), x_req)
+            w = log_w.exp()
+            shift = sigma.view(view) ** 2 * grad
+        else:
+            (grad,) = torch.autograd.grad(d.sum(), x_req)
+            w = 2.0 * d
+            shift = -(sigma.view(view) ** 2) * grad
+    w = w.detach() if weight else torch.ones_like(d).detach()
+    shift = shift.detach() if correction else torch.zeros_like(x_req).detach()
+    return TIWTerms(weight=w, correction=shift.to(x.dtype))
+
+
+def iw_weight(disc: Discriminator, x0: Tensor, *, train_set: TrainSet = "bias",
+              alpha: float = 1.0, clip: float = D_CLIP) -> Tensor:
+    """IW-DSM (paper Eq. 7): the time-INdependent weight w(x0)^alpha from a discriminator on
+    clean images (tau = t_min), with no score correction. Detached, [B]."""
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    with torch.no_grad():
+        tau = torch.full((x0.shape[0],), T_MIN, device=x0.device, dtype=dtype)
+        d = disc(x0.to(dtype), tau).to(dtype).reshape(-1).clamp(clip, 1.0 - clip)
+        return (alpha * log_ratio(d, train_set)).exp()
+
+
+class TimeDependentDiscriminator(nn.Module):
+    """D(x_tau, tau) = P(reference | x_tau) (§2.2): a trained classifier over the data source
+    (label 0 = biased, 1 = reference) that reads the continuous VP time as tau * 999. A network
+    with one output is read as the reference logit, with two as (biased, reference) logits."""
+
+    def __init__(self, net: nn.Module, time_scale: float = TIME_SCALE) -> None:
+        super().__init__()
+        self.net = net
+        self.time_scale = time_scale
+
+    def forward(self, x_vp: Tensor, tau: Tensor) -> Tensor:
+        logits = self.net(x_vp, tau * self.time_scale).float()
+        if logits.shape[1] == 1:
+            return torch.sigmoid(logits[:, 0])
+        if logits.shape[1] != 2:
+            raise ConfigError(f"the discriminator has {logits.shape[1]} outputs; it needs 1 "
+                              f"(reference logit) or 2 (biased, reference)")
+        return torch.softmax(logits, dim=1)[:, REFERENCE_LABEL]
+
+
+REFERENCE_LABEL = 1  # the source label of reference images (biased images: 0)
+DISCRIMINATOR_ARTIFACT = "discriminator"
+
+
+def load_discriminator(cfg: Any) -> TimeDependentDiscriminator:
+    """The discriminator checkpoint the recipe bound into ``cfg.inputs`` (its discriminator
+    stage's output), rebuilt from the checkpoint alone; a missing input or a checkpoint for
+    other images is a one-line error."""
+    from debiaslab.training.classifier import load_classifier
+
+    bound = (cfg.inputs or {}).get(DISCRIMINATOR_ARTIFACT)
+    if not bound:
+        raise ConfigError(f"diffusion.loss={cfg.diffusion.loss}: needs the trained "
+                          f"discriminator; run recipe tiw_dsm, whose discriminator stage "
+                          f"binds it into the train stage's config")
+    net, info = load_classifier(bound["path"])
+    if info["num_outputs"] not in (1, 2):
+        raise ConfigError(f"{bound['path']}: a discriminator has 1 or 2 outputs, this "
+                          f"classifier has {info['num_outputs']}")
+    return TimeDependentDiscriminator(net)
+
+
+# ------------------------------------------------------------------------------ config
+
+@dataclass
+class TIWConfig:
+    """The ``tiw:`` section (docs/algorithms.md §2): how the score loss uses the discriminator,
+    read when diffusion.loss is tiw_dsm or iw_dsm. The one place its defaults are written."""
+
+    form: Form = "paper"
+    train_set: TrainSet = "bias"  # the score model trains on D_bias, or D_obs = D_bias U D_ref
+    alpha: float = 1.0  # exponent on the ratio: w^alpha (bias vs FID trade-off)
+    weight: bool = True  # False: C-only ablation
+    correction: bool = True  # False: W-only ablation (iw_dsm never corrects)
+    clip: float = D_CLIP
+    beta_min: float = BETA_MIN
+    beta_max: float = BETA_MAX
+    t_min: float = T_MIN
+
+    # the TIW recipe adds ``tiw.`` to its own train stage's key; other recipes never read it
+    affects_training = False
+
+    def check(self, cfg: Any) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ConfigError(f"tiw.alpha: must be a finite number >= 0, got {self.alpha}")
+        if not 0.0 < self.clip < 0.5:
+            raise ConfigError(f"tiw.clip: must be in (0, 0.5), got {self.clip}")
+        if not 0.0 < self.beta_min < self.beta_max:
+            raise ConfigError(f"tiw.beta_min, tiw.beta_max: need 0 < beta_min < beta_max, got "
+                              f"{self.beta_min}, {self.beta_max}")
+        if not 0.0 < self.t_min < 1.0:
+            raise ConfigError(f"tiw.t_min: must be in (0, 1), got {self.t_min}")
+        if self.form == "code" and self.train_set != "observed":
+            raise ConfigError("tiw.form=code: its weight 2D is the ratio against a 50/50 "
+                              "mixture, so it needs tiw.train_set: observed")
+        if self.form == "code" and self.alpha != 1.0:
+            raise ConfigError("tiw.alpha: the released code has no exponent; use tiw.form: "
+                              "paper to vary it")
+        if not (self.weight or self.correction):
+            raise ConfigError("tiw.weight and tiw.correction are both false: that is plain "
+                              "DSM; set diffusion.loss: edm instead")
+
+
+register_section("tiw", TIWConfig)
+
+
+# ------------------------------------------------------------------------------ losses
+
+@LOSSES.register("tiw_dsm")
+class TIWDSMLoss(EDMLoss):
+    """Kim et al. 2024, Theorem 1 in EDM units (§2.4): per sample
+    L = w^alpha lambda(sigma) ||D_theta(y + sigma n; sigma) - (y + sigma^2 grad log w^alpha)||^2,
+    with w = w_t(x) from the frozen time-dependent discriminator (see :func:`tiw_terms`)."""
+
+    def __init__(self, *args: Any, discriminator: nn.Module | Discriminator,
+                 tiw: TIWConfig | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.discriminator = discriminator
+        self.tiw = tiw or TIWConfig()
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "TIWDSMLoss":
+        d = cfg.diffusion
+        from debiaslab.diffusion.schedules import build_schedule
+
+        return cls(build_schedule(d.schedule, d.num_timesteps), d.edm_p_mean, d.edm_p_std,
+                   d.sigma_data, discriminator=load_discriminator(cfg), tiw=cfg.tiw)
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        disc = self.discriminator
+        return {"discriminator": disc} if isinstance(disc, nn.Module) else {}
+
+    def terms(self, x: Tensor, sigma: Tensor, y: Tensor) -> TIWTerms:
+        c = self.tiw
+        return tiw_terms(self.discriminator, x, sigma, form=c.form, train_set=c.train_set,
+                         alpha=c.alpha, weight=c.weight, correction=c.correction, clip=c.clip,
+                         b0=c.beta_min, b1=c.beta_max)
+
+    def __call__(self, model: nn.Module, x0: Tensor, level: Tensor, noise: Tensor,
+                 **cond: Any) -> Tensor:
+        sigma = level.to(x0.device, x0.dtype)
+        view = (-1,) + (1,) * (x0.ndim - 1)
+        x = x0 + sigma.view(view) * noise
+        t = self.terms(x, sigma, x0)
+        D_x = model(x, sigma, **cond)
+        lam = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        target = x0 + t.correction
+        return t.weight.to(lam.dtype) * lam * mean_per_sample((D_x.float() - target) ** 2)
+
+
+@LOSSES.register("iw_dsm")
+class IWDSMLoss(TIWDSMLoss):
+    """IW-DSM (Kim et al. 2024, Eq. 7): the EDM loss weighted per image by the time-independent
+    ratio w(x0)^alpha of a clean-image discriminator; the target is not corrected."""
+
+    def terms(self, x: Tensor, sigma: Tensor, y: Tensor) -> TIWTerms:
+        c = self.tiw
+        w = iw_weight(self.discriminator, y, train_set=c.train_set, alpha=c.alpha, clip=c.clip)
+        return TIWTerms(weight=w, correction=torch.zeros_like(x))
