@@ -32,6 +32,10 @@ TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_
         "tracking.enabled=false"]
 FAKE_HASH = "0" * 64
 LATER_SECTIONS = ("tiw",)  # config sections of methods added after the digest was written
+# config keys added after the digest was written, left out of the config hash at their default
+# value; the data stage's key does include data.reference_count, so its stored keys were
+# recomputed when the key was added (issue 19), and only the ``:data`` entries changed
+LATER_KEYS = {"data.reference_count": 0}
 
 
 def _sha(obj) -> str:
@@ -60,8 +64,10 @@ def stage_keys() -> dict[str, str]:
         # recipe engine and always empty in a file's config) and the sections of methods added
         # since the digest was written (LATER_SECTIONS: at their defaults they change nothing
         # the digest covers, which the stage keys below prove) are left out
-        out[f"{path.name}:config"] = _sha(_flat({k: v for k, v in to_dict(cfg).items()
-                                                  if k != "inputs" and k not in LATER_SECTIONS}))
+        flat = _flat({k: v for k, v in to_dict(cfg).items()
+                      if k != "inputs" and k not in LATER_SECTIONS})
+        out[f"{path.name}:config"] = _sha({k: v for k, v in flat.items()
+                                           if k not in LATER_KEYS or v != LATER_KEYS[k]})
         for stage in get_recipe(cfg).stages:
             inputs = {k: Artifact(kind, f"/in/{k}", FAKE_HASH) for k, kind in stage.inputs.items()}
             out[f"{path.name}:{stage.name}"] = stage_key(stage, stage_config(cfg, stage), inputs)

@@ -25,7 +25,8 @@ class DataConfig:
     imb_factor: float = 0.1
     bias_attribute: str = ""
     bias_ratio: float = 0.9
-    reference_fraction: float = 0.05
+    reference_fraction: float = 0.05  # of the source's images (attribute_bias, long_tail_reference)
+    reference_count: int = 0  # > 0: the reference set's size, instead of reference_fraction
     seed: int = 0
     dataset_dir: str = ""  # default: <output_dir>/data/<experiment name's data key>
     augment: str = "none"  # data.augment.AUGMENTS
@@ -266,9 +267,13 @@ def dataset_key(data: DataConfig) -> str:
     """A readable folder name for a built dataset (e.g. ``digits-lt0.1-s0``), plus a short hash of
     ``data.path`` (absolute) and ``data.source_options`` when they are set, so two image folders
     never share a dataset folder."""
+    reference = (f"-ref{data.reference_count}n" if data.reference_count
+                 else f"-ref{data.reference_fraction:g}")
     key = {"none": data.source, "long_tail": f"{data.source}-lt{data.imb_factor:g}",
            "attribute_bias": f"{data.source}-bias-{data.bias_attribute}{data.bias_ratio:g}"
-                             f"-ref{data.reference_fraction:g}"}[data.imbalance]
+                             f"{reference}",
+           "long_tail_reference": f"{data.source}-lt{data.imb_factor:g}{reference}",
+           }[data.imbalance]
     key = f"{key}-s{data.seed}"
     if data.path or data.source_options:  # where the images come from is part of the key
         import hashlib

@@ -74,6 +74,9 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if cfg.data.reference_count < 0:
+        raise ConfigError(f"data.reference_count: must be >= 0 (0: use data.reference_fraction), "
+                          f"got {cfg.data.reference_count}")
     if cfg.distributed.max_failures < 0 or cfg.distributed.map_num_gpus < 0:
         raise ConfigError("distributed.max_failures and distributed.map_num_gpus must be >= 0")
     if cfg.metrics.bootstrap < 0:

@@ -1,6 +1,6 @@
 """Imbalance builders: pure numpy on label / attribute arrays, returning selected row indices.
-Long tail follows CBDM's canonical recipe (docs/algorithms.md 4.6); attribute bias follows
-TIW-DSM."""
+Long tail follows CBDM's canonical recipe (docs/algorithms.md 4.6); attribute bias and the
+long tail with a balanced reference follow TIW-DSM (§2.1)."""
 
 from __future__ import annotations
 
@@ -110,11 +110,13 @@ def attribute_bias_indices(
     ratio: float,
     reference_fraction: float,
     seed: int = 0,
+    reference_count: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """TIW-DSM split of a binary attribute: (biased_idx, reference_idx), disjoint and sorted.
 
-    The reference set is balanced 50/50 over the attribute with round(reference_fraction * N)
-    images; from the rest, the largest biased set in which a fraction `ratio` has attribute = 1.
+    The reference set is balanced 50/50 over the attribute with ``reference_count`` images, or
+    round(reference_fraction * N) when the count is 0; from the rest, the largest biased set in
+    which a fraction `ratio` has attribute = 1.
     """
     attribute = np.asarray(attribute)
     if attribute.ndim != 1 or len(attribute) == 0:
@@ -123,14 +125,12 @@ def attribute_bias_indices(
         raise DataError("attribute_bias needs a binary (0/1) attribute")
     if not 0.0 <= ratio <= 1.0:
         raise DataError(f"bias_ratio must be in [0, 1], got {ratio}")
-    if not 0.0 < reference_fraction < 1.0:
-        raise DataError(f"reference_fraction must be in (0, 1), got {reference_fraction}")
+    n_ref = reference_size(len(attribute), reference_fraction, reference_count)
     rng = np.random.RandomState(seed)
     pos = np.flatnonzero(attribute == 1)
     neg = np.flatnonzero(attribute == 0)
     rng.shuffle(pos)
     rng.shuffle(neg)
-    n_ref = int(round(reference_fraction * len(attribute)))
     n_ref_pos = n_ref // 2
     n_ref_neg = n_ref - n_ref_pos
     if n_ref < 2:
@@ -154,3 +154,60 @@ def attribute_bias_indices(
         raise DataError(f"attribute_bias: no images left for a biased set with ratio {ratio}")
     biased = np.concatenate([rest_pos[:n_pos], rest_neg[:n_neg]])
     return np.sort(biased).astype(np.int64), np.sort(reference).astype(np.int64)
+
+
+def reference_size(n_images: int, reference_fraction: float, reference_count: int = 0) -> int:
+    """How many reference images: ``reference_count`` when > 0, else round(fraction * N)."""
+    if reference_count < 0:
+        raise DataError(f"reference_count must be >= 0, got {reference_count}")
+    if reference_count > 0:
+        return int(reference_count)
+    if not 0.0 < reference_fraction < 1.0:
+        raise DataError(f"reference_fraction must be in (0, 1), got {reference_fraction}")
+    return int(round(reference_fraction * n_images))
+
+
+def balanced_counts(total: int, num_groups: int) -> list[int]:
+    """``total`` split as evenly as possible over groups, the first ones taking the remainder."""
+    base, extra = divmod(total, num_groups)
+    return [base + (1 if g < extra else 0) for g in range(num_groups)]
+
+
+def long_tail_reference_indices(
+    labels: np.ndarray,
+    imb_factor: float,
+    n_reference: int,
+    seed: int = 0,
+    n_max: int | None = None,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """TIW-DSM's long-tail setting: (biased_idx, reference_idx), disjoint.
+
+    The reference is drawn first, class-balanced: ``n_reference`` images split evenly over the
+    classes (RandomState(seed), each class's indices shuffled). The biased set is then the long
+    tail (:func:`long_tail_indices`, same seed) of the images left, so its ``n_max`` defaults to
+    the smallest class count left. The reference comes back sorted, the biased set class-major.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0 or labels.min() < 0:
+        raise DataError("long_tail_reference needs every image to have a class label")
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    if n_reference < num_classes:
+        raise DataError(f"a class-balanced reference needs at least one image per class: "
+                        f"{n_reference} reference images for {num_classes} classes; raise "
+                        f"data.reference_count or data.reference_fraction")
+    rng = np.random.RandomState(seed)
+    chosen = []
+    for c, n_c in enumerate(balanced_counts(n_reference, num_classes)):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= n_c:
+            raise DataError(f"long_tail_reference: class {c} has {len(idx)} images; a reference "
+                            f"of {n_c} per class leaves none for the biased set")
+        rng.shuffle(idx)
+        chosen.append(idx[:n_c])
+    reference = np.sort(np.concatenate(chosen)).astype(np.int64)
+    rest = np.setdiff1d(np.arange(len(labels)), reference)
+    biased = rest[long_tail_indices(labels[rest], imb_factor, seed, n_max,
+                                    num_classes=num_classes, class_names=class_names)]
+    return biased.astype(np.int64), reference

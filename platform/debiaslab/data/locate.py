@@ -11,10 +11,10 @@ from debiaslab.errors import DataError
 
 def train_data_path(cfg: Any, root: Path | None = None) -> Path:
     """The folder the score model trains on (the biased part for attribute-bias builds)."""
-    from debiaslab.data.sources import BIASED_NAME
+    from debiaslab.data.sources import BIASED_NAME, SPLIT_IMBALANCES
 
     root = root or cfg.dataset_path
-    return root / BIASED_NAME if cfg.data.imbalance == "attribute_bias" else root
+    return root / BIASED_NAME if cfg.data.imbalance in SPLIT_IMBALANCES else root
 
 
 def load_training_data(cfg: Any) -> Any:

@@ -17,7 +17,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from debiaslab.data.builders import attribute_bias_indices, long_tail_indices
+from debiaslab.data.builders import (
+    attribute_bias_indices,
+    long_tail_indices,
+    long_tail_reference_indices,
+    reference_size,
+)
 from debiaslab.data.digits import DIGITS_SIZE, load_digits_arrays
 from debiaslab.data.schema import (
     DEFAULT_ROWS_PER_SHARD,
@@ -68,11 +73,14 @@ FOLDER_CHANNELS = 3
 IMBALANCE_NONE = "none"
 IMBALANCE_LONG_TAIL = "long_tail"
 IMBALANCE_ATTRIBUTE_BIAS = "attribute_bias"
+IMBALANCE_LONG_TAIL_REFERENCE = "long_tail_reference"
 DEFAULT_IMB_FACTOR = 0.01
 DEFAULT_BIAS_RATIO = 0.9
 DEFAULT_REFERENCE_FRACTION = 0.05
 BIASED_NAME = "biased"
 REFERENCE_NAME = "reference"
+# imbalances that write a biased set and a reference set (BIASED_NAME/, REFERENCE_NAME/)
+SPLIT_IMBALANCES = (IMBALANCE_ATTRIBUTE_BIAS, IMBALANCE_LONG_TAIL_REFERENCE)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -579,6 +587,7 @@ class ImbalanceSpec:
     bias_ratio: float = DEFAULT_BIAS_RATIO
     reference_fraction: float = DEFAULT_REFERENCE_FRACTION
     seed: int = 0
+    reference_count: int = 0  # > 0: the reference's size, instead of the fraction
 
 
 ImbalanceBuilder = Callable[[ImageArrays, ImbalanceSpec], dict[str, np.ndarray]]
@@ -612,8 +621,20 @@ def _attribute_bias(data: ImageArrays, spec: ImbalanceSpec) -> dict[str, np.ndar
         raise DataError("attribute_bias needs bias_attribute (an attribute name or index)")
     index = _attr_index(spec.bias_attribute, data.attr_names, "bias_attribute")
     biased, reference = attribute_bias_indices(
-        data.attributes[:, index], spec.bias_ratio, spec.reference_fraction, spec.seed
+        data.attributes[:, index], spec.bias_ratio, spec.reference_fraction, spec.seed,
+        spec.reference_count
     )
+    return {BIASED_NAME: biased, REFERENCE_NAME: reference}
+
+
+@IMBALANCES.register(IMBALANCE_LONG_TAIL_REFERENCE)
+def _long_tail_reference(data: ImageArrays, spec: ImbalanceSpec) -> dict[str, np.ndarray]:
+    if data.num_classes == 0:
+        raise DataError("long_tail_reference needs a labelled source (this one has no classes)")
+    n_ref = reference_size(len(data), spec.reference_fraction, spec.reference_count)
+    biased, reference = long_tail_reference_indices(
+        data.labels, spec.imb_factor, n_ref, spec.seed, spec.n_max,
+        num_classes=data.num_classes, class_names=list(data.class_names))
     return {BIASED_NAME: biased, REFERENCE_NAME: reference}
 
 
@@ -711,17 +732,20 @@ def build_dataset(
     bias_ratio: float = DEFAULT_BIAS_RATIO,
     reference_fraction: float = DEFAULT_REFERENCE_FRACTION,
     seed: int = 0,
+    reference_count: int = 0,
     name: str | None = None,
     rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
 ) -> Path:
     """Load `source`, apply `imbalance` and write Parquet; returns `out_dir`.
 
-    `none` / `long_tail` write one dataset at `out_dir`. `attribute_bias` writes two datasets,
-    `out_dir/biased` and `out_dir/reference`, plus `out_dir/splits.json`; the pair is written
-    into a temp folder and renamed into place together. Rows keep their source ids.
+    `none` / `long_tail` write one dataset at `out_dir`. `attribute_bias` and
+    `long_tail_reference` write two disjoint datasets, `out_dir/biased` and `out_dir/reference`,
+    plus `out_dir/splits.json`; the pair is written into a temp folder and renamed into place
+    together. Rows keep their source ids.
     """
     builder = IMBALANCES.get(imbalance)
-    spec = ImbalanceSpec(imb_factor, n_max, bias_attribute, bias_ratio, reference_fraction, seed)
+    spec = ImbalanceSpec(imb_factor, n_max, bias_attribute, bias_ratio, reference_fraction, seed,
+                         reference_count)
     data = load_source(source, source_options)
     parts = builder(data, spec)
     out_path = Path(out_dir).absolute()
@@ -737,6 +761,8 @@ def build_dataset(
         "reference_fraction": reference_fraction,
         "seed": seed,
     }
+    if reference_count:  # recorded only when set, so earlier manifests read the same
+        recipe["reference_count"] = reference_count
 
     def write(target: Path, role: str, indices: np.ndarray) -> None:
         subset = data.subset(indices)

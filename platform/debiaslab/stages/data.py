@@ -34,7 +34,9 @@ def build_data(cfg: ExperimentConfig, *, force: bool = False) -> Path:
 
 
 RECIPE_KEYS = ("source", "source_options", "imbalance", "imb_factor", "bias_attribute",
-               "bias_ratio", "reference_fraction", "seed")
+               "bias_ratio", "reference_fraction", "reference_count", "seed")
+LONG_TAILS = ("long_tail", "long_tail_reference")  # imbalances that read imb_factor
+SPLITS = ("attribute_bias", "long_tail_reference")  # imbalances that draw a reference set
 
 
 def data_recipe(d: Any) -> dict[str, Any]:
@@ -47,7 +49,7 @@ def data_recipe(d: Any) -> dict[str, Any]:
     return {"source": d.source, "source_options": options, "imbalance": d.imbalance,
             "imb_factor": d.imb_factor, "bias_attribute": d.bias_attribute or None,
             "bias_ratio": d.bias_ratio, "reference_fraction": d.reference_fraction,
-            "seed": d.seed}
+            "reference_count": d.reference_count, "seed": d.seed}
 
 
 def recipe_kwargs(recipe: dict[str, Any]) -> dict[str, Any]:
@@ -60,10 +62,15 @@ def check_recipe(folder: Path, built: dict[str, Any], wanted: dict[str, Any]) ->
 
     def norm(recipe: dict[str, Any]) -> dict[str, Any]:
         out = {k: recipe.get(k) for k in RECIPE_KEYS}
-        if out["imbalance"] != "long_tail":
+        out["reference_count"] = out["reference_count"] or 0  # absent in earlier manifests
+        if out["imbalance"] not in LONG_TAILS:
             out["imb_factor"] = None
         if out["imbalance"] != "attribute_bias":
-            out["bias_attribute"] = out["bias_ratio"] = out["reference_fraction"] = None
+            out["bias_attribute"] = out["bias_ratio"] = None
+        if out["imbalance"] not in SPLITS:
+            out["reference_fraction"] = out["reference_count"] = None
+        elif out["reference_count"]:
+            out["reference_fraction"] = None  # the count decides the size
         return json.loads(json.dumps(out, default=str))
 
     have, want = norm(built), norm(wanted)
