@@ -11,7 +11,8 @@ from behaviour_digest import FIXTURE, as_arrays, compute, fingerprint
 def test_stage_keys_losses_scores_and_samples_match_the_stored_digest():
     stored = json.loads(FIXTURE.read_text())
     now = compute()
-    assert now["exact"] == stored["exact"]
+    # every config the digest knows keeps its keys; configs shipped since are new entries
+    assert {k: v for k, v in now["exact"].items() if k in stored["exact"]} == stored["exact"]
     have, want = as_arrays(now["numeric"]), as_arrays(stored["numeric"])
     assert have.keys() == want.keys()
     if now["fingerprint"] == stored["fingerprint"]:  # same float kernels: the same bits

@@ -10,7 +10,8 @@ its recipe from these pieces only (never from the internals of stages, recipes o
   :func:`requires`, :func:`make_artifact`, :func:`recorded_outputs`;
 - the shared stages: :func:`diffusion_stages` (data -> [before_train] -> train -> [extra] ->
   sample -> evaluate), :func:`aux_model_stage` (any number of auxiliary models, each with its
-  section, run and artifact), :func:`side_table_stage` (a Ray Data or local map of the dataset to
+  section, run, artifact and :class:`AuxModelKind`: how it trains and validates, a classifier
+  by default), :func:`side_table_stage` (a Ray Data or local map of the dataset to
   side-table columns);
 - registries of the foundation: LOSSES, WEIGHTINGS, GUIDANCE, NETS, and :class:`Registry` for the
   method's own;
@@ -41,9 +42,10 @@ from debiaslab.recipes import (
     requires,
 )
 from debiaslab.registry import Registry
-from debiaslab.stages import aux_model_stage, diffusion_stages, side_table_stage
+from debiaslab.stages import AuxModelKind, aux_model_stage, diffusion_stages, side_table_stage
 
-__all__ = ["GUIDANCE", "LOSSES", "NETS", "WEIGHTINGS", "ClassifierConfig", "ExperimentConfig",
+__all__ = ["GUIDANCE", "LOSSES", "NETS", "WEIGHTINGS", "AuxModelKind", "ClassifierConfig",
+           "ExperimentConfig",
            "Recipe", "Registry", "Stage", "StageOutput", "aux_model_stage", "diffusion_stages",
            "log", "make_artifact", "progress", "recorded_outputs", "register_recipe",
            "register_section", "register_validator", "requires", "side_table_stage",

@@ -14,16 +14,29 @@ device and never trains, checkpoints or samples with it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from debiaslab.diffusion.losses import EDMLoss, mean_per_sample
-from debiaslab.errors import ConfigError
-from debiaslab.methods.api import LOSSES, register_section
+from debiaslab.errors import ConfigError, DataError
+from debiaslab.methods.api import (
+    LOSSES,
+    AuxModelKind,
+    ClassifierConfig,
+    ExperimentConfig,
+    Recipe,
+    aux_model_stage,
+    diffusion_stages,
+    register_recipe,
+    register_section,
+)
 
 # The VP-SDE of the discriminator (Song et al. 2021; the official code's beta_min, beta_max) and
 # the smallest diffusion time its tau sampler draws.
@@ -184,12 +197,19 @@ class TimeDependentDiscriminator(nn.Module):
     (label 0 = biased, 1 = reference) that reads the continuous VP time as tau * 999. A network
     with one output is read as the reference logit, with two as (biased, reference) logits."""
 
-    def __init__(self, net: nn.Module, time_scale: float = TIME_SCALE) -> None:
+    def __init__(self, net: nn.Module, time_scale: float = TIME_SCALE,
+                 shape: tuple[int, ...] | None = None, source: str = "") -> None:
         super().__init__()
         self.net = net
         self.time_scale = time_scale
+        self.shape = tuple(shape) if shape is not None else None  # the images it was trained on
+        self.source = source
 
     def forward(self, x_vp: Tensor, tau: Tensor) -> Tensor:
+        if self.shape is not None and tuple(x_vp.shape[1:]) != self.shape:
+            raise ConfigError(f"{self.source or 'the discriminator'}: trained on images of shape "
+                              f"{list(self.shape)}, the score model's are "
+                              f"{list(x_vp.shape[1:])}; train a discriminator on this dataset")
         logits = self.net(x_vp, tau * self.time_scale).float()
         if logits.shape[1] == 1:
             return torch.sigmoid(logits[:, 0])
@@ -218,7 +238,7 @@ def load_discriminator(cfg: Any) -> TimeDependentDiscriminator:
     if info["num_outputs"] not in (1, 2):
         raise ConfigError(f"{bound['path']}: a discriminator has 1 or 2 outputs, this "
                           f"classifier has {info['num_outputs']}")
-    return TimeDependentDiscriminator(net)
+    return TimeDependentDiscriminator(net, shape=tuple(info["shape"]), source=str(bound["path"]))
 
 
 # ------------------------------------------------------------------------------ config
@@ -238,8 +258,12 @@ class TIWConfig:
     beta_max: float = BETA_MAX
     t_min: float = T_MIN
 
-    # the TIW recipe adds ``tiw.`` to its own train stage's key; other recipes never read it
-    affects_training = False
+    @staticmethod
+    def affects_training(cfg: Any) -> bool:
+        """The score model reads this section when its loss is a TIW loss: then resume compares
+        ``tiw.*`` (and the TIW recipe puts ``tiw.`` in its train stage's key; no other recipe's
+        key holds it)."""
+        return cfg.diffusion.loss in TIW_LOSSES
 
     def check(self, cfg: Any) -> None:
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
@@ -318,3 +342,223 @@ class IWDSMLoss(TIWDSMLoss):
         c = self.tiw
         w = iw_weight(self.discriminator, y, train_set=c.train_set, alpha=c.alpha, clip=c.clip)
         return TIWTerms(weight=w, correction=torch.zeros_like(x))
+
+
+# ------------------------------------------------------------------------------ discriminator
+
+SOURCE_NAMES = ("biased", "reference")  # label 0, label 1 (REFERENCE_LABEL)
+STREAM_ROWS, STREAM_TIME = 11, 12  # the discriminator's per-step random streams (see StepBatch)
+EVAL_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class DiscriminatorConfig(ClassifierConfig):
+    """The ``discriminator:`` section: the time-dependent discriminator's network, training and
+    validation (§2.2). Its rows are the biased set (label 0) and the reference set (label 1) of
+    a reference build; its diffusion times come from the ``tiw:`` section's VP-SDE."""
+
+    label: str = "source"
+    val_buckets: int = 10  # tau buckets of the validation plot
+    # model and train: the classifier defaults (encoder classifier; Adam lr 3e-4, batch 128,
+    # 1,000 steps, a checkpoint every 500; the released code trains 20k steps on CIFAR and uses
+    # its ~500-step checkpoint)
+
+    def check(self, cfg: Any) -> None:
+        if self.label != "source" or self.input != "noisy_images":
+            raise ConfigError("discriminator.label and discriminator.input are fixed: the "
+                              "discriminator tells the data source apart on noisy images")
+        if self.train.batch_size % 2:
+            raise ConfigError(f"discriminator.train.batch_size: must be even (half biased, half "
+                              f"reference), got {self.train.batch_size}")
+
+
+register_section("discriminator", DiscriminatorConfig)
+
+
+def discriminator_data(cfg: ExperimentConfig) -> Any:
+    """The biased and reference sets of the experiment's reference build as classifier rows:
+    uint8 images, label 0 (biased) or 1 (reference), rows in that order."""
+    from debiaslab.data.side_tables import read_datasets
+    from debiaslab.data.sources import BIASED_NAME, REFERENCE_NAME, SPLIT_IMBALANCES
+    from debiaslab.training.classifier_data import INPUT_IMAGES, ClassifierData
+
+    if cfg.data.imbalance not in SPLIT_IMBALANCES:
+        raise ConfigError(f"data.imbalance: the discriminator needs a reference set; use one of "
+                          f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance}")
+    root = cfg.dataset_path
+    both = read_datasets({"0": root / BIASED_NAME, "1": root / REFERENCE_NAME})
+    labels = (both.source == "1").astype(np.int64)
+    for label, name in enumerate(SOURCE_NAMES):
+        if not (labels == label).any():
+            raise DataError(f"{root}: the {name} set has no rows; rebuild the dataset with a "
+                            f"larger data.reference_count or data.reference_fraction")
+    digest = hashlib.sha256(json.dumps(both.content_hashes, sort_keys=True).encode())
+    return ClassifierData(INPUT_IMAGES, torch.from_numpy(both.images), labels,
+                          list(SOURCE_NAMES), source_hash=digest.hexdigest(),
+                          rows=torch.arange(len(labels)))
+
+
+def _balanced_indices(labels: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """``size`` row indices, biased and reference rows alternating (each half drawn uniformly
+    with replacement), so every contiguous even slice of the batch is balanced too."""
+    out = torch.empty(size, dtype=torch.long)
+    for label in (0, 1):
+        members = torch.nonzero(labels == label).reshape(-1)
+        pick = torch.randint(0, len(members), (size // 2,), generator=generator)
+        out[label::2] = members[pick]
+    return out
+
+
+def _discriminator_task_class() -> Any:
+    """The task class, built on first use (training imports torch-heavy modules)."""
+    from debiaslab.training.classifier import ClassifierTask
+    from debiaslab.training.loop import STREAM_NOISE, StepBatch
+
+    class DiscriminatorTask(ClassifierTask):
+        """D(x_tau, tau) with cross-entropy over (biased, reference): softmax of two logits is
+        a sigmoid of their difference, so this is the released BCE. Each global batch is half
+        biased, half reference rows (drawn per step, not by the epoch shuffle); tau from the
+        likelihood-weighting sampler; x_tau = m(tau) x0 + s(tau) z (§2.2)."""
+
+        kind = "discriminator"
+
+        def __init__(self, cfg: ExperimentConfig, data: Any) -> None:
+            super().__init__(cfg, data)
+            self.tiw = cfg.tiw
+
+        def make_batch(self, plan: StepBatch) -> dict[str, Tensor]:
+            c = self.tiw
+            idx = plan.mine(_balanced_indices(self.data.labels, plan.size,
+                                              plan.generator(STREAM_ROWS)))
+            u = torch.rand(plan.size, generator=plan.generator(STREAM_TIME), dtype=torch.float64)
+            tau = sample_tau(u, c.beta_min, c.beta_max, c.t_min).float()
+            noise = torch.randn((plan.size,) + self.data.shape,
+                                generator=plan.generator(STREAM_NOISE))
+            return {"x": self.data.float_inputs(idx), "label": self.data.labels[idx],
+                    "tau": plan.mine(tau), "noise": plan.mine(noise)}
+
+        def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+            c = self.tiw
+            x = perturb(batch["x"], batch["tau"], batch["noise"], c.beta_min, c.beta_max)
+            logits = model(x, batch["tau"] * TIME_SCALE)
+            return torch.nn.functional.cross_entropy(logits.float(), batch["label"],
+                                                     reduction="none")
+
+        def extra_state(self) -> dict[str, Any]:
+            state = super().extra_state()
+            c = self.tiw
+            state["discriminator"] = {"beta_min": c.beta_min, "beta_max": c.beta_max,
+                                      "t_min": c.t_min, "time_scale": TIME_SCALE}
+            return state
+
+    return DiscriminatorTask
+
+
+@torch.no_grad()
+def evaluate_discriminator(model: nn.Module, data: Any, tiw: TIWConfig, *, buckets: int,
+                           seed: int) -> dict[str, Any]:
+    """Accuracy and BCE per tau bucket (equal-width over [t_min, 1]) on held-out rows: every
+    row once per bucket, at a tau uniform in the bucket and with noise from the row's own
+    generator (seed, row, bucket), so the numbers do not depend on batching. Bucket bounds are
+    reported as the network's time input, round(tau * 999)."""
+    edges = torch.linspace(tiw.t_min, 1.0, buckets + 1, dtype=torch.float64)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = np.zeros(buckets), np.zeros(buckets)
+    count = np.zeros(buckets, dtype=np.int64)
+    n = len(data)
+    for b in range(buckets):
+        for start in range(0, n, 256):
+            idx = torch.arange(start, min(start + 256, n))
+            tau = torch.empty(len(idx))
+            noise = torch.empty((len(idx),) + data.shape)
+            for i, row in enumerate(data.rows[idx].tolist()):
+                g = torch.Generator().manual_seed((seed * EVAL_SEED_STRIDE + row) * buckets + b)
+                u = float(torch.rand(1, generator=g, dtype=torch.float64))
+                tau[i] = float(edges[b] + u * (edges[b + 1] - edges[b]))
+                noise[i] = torch.randn(data.shape, generator=g)
+            x = perturb(data.float_inputs(idx), tau, noise, tiw.beta_min, tiw.beta_max)
+            logits = model(x.to(device), (tau * TIME_SCALE).to(device)).float().cpu()
+            labels = data.labels[idx]
+            correct[b] += float((logits.argmax(1) == labels).sum())
+            loss_sum[b] += float(torch.nn.functional.cross_entropy(logits, labels,
+                                                                   reduction="sum"))
+            count[b] += len(idx)
+    model.train(was_training)
+    bounds = [round(float(e) * TIME_SCALE) for e in edges]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"t_lo": bounds[:-1], "t_hi": bounds[1:], "accuracy": (correct / count).tolist(),
+                "loss": (loss_sum / count).tolist(), "count": count.tolist(),
+                "accuracy_mean": float(correct.sum() / count.sum()),
+                "loss_mean": float(loss_sum.sum() / count.sum())}
+
+
+def _split(cfg: ExperimentConfig) -> tuple[Any, Any]:
+    from debiaslab.training.classifier_data import split_data
+
+    return split_data(cfg, discriminator_data(cfg))
+
+
+def _validate(cfg: ExperimentConfig, model: nn.Module, val_rows: Any) -> dict[str, Any]:
+    return evaluate_discriminator(model, val_rows, cfg.tiw, buckets=cfg.classifier.val_buckets,
+                                  seed=cfg.train.seed)
+
+
+def discriminator_trainer(cfg: ExperimentConfig, **kwargs: Any) -> Any:
+    """One Ray Train worker's discriminator Trainer, from the run config alone."""
+    from debiaslab.training.loop import Trainer
+
+    train_rows, _ = _split(cfg)
+    return Trainer(cfg, _discriminator_task_class()(cfg, train_rows), kwargs.pop("run_dir"),
+                   **kwargs)
+
+
+def _train_here(cfg: ExperimentConfig, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    from debiaslab.training.loop import Trainer
+
+    train_rows, val_rows = _split(cfg)
+    trainer = Trainer(cfg, _discriminator_task_class()(cfg, train_rows), cfg.run_dir, **kwargs)
+    result = trainer.fit()
+    return result.checkpoint, _validate(cfg, trainer.ema.shadow, val_rows)
+
+
+def _validate_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any) -> dict[str, Any]:
+    from debiaslab.training.classifier import load_classifier
+
+    model, _ = load_classifier(checkpoint, device)
+    return _validate(cfg, model, _split(cfg)[1])
+
+
+DISCRIMINATOR = AuxModelKind(_train_here, discriminator_trainer, _validate_checkpoint)
+
+
+# ------------------------------------------------------------------------------ recipe
+
+def check_recipe(cfg: ExperimentConfig) -> None:
+    """The TIW recipe's own rules: a TIW loss, a reference build, and (until the score model can
+    train on D_obs) the biased set as the score model's training set."""
+    from debiaslab.data.sources import SPLIT_IMBALANCES
+
+    if cfg.diffusion.loss not in TIW_LOSSES:
+        raise ConfigError(f"recipe tiw_dsm: needs diffusion.loss: one of "
+                          f"{', '.join(TIW_LOSSES)}, got {cfg.diffusion.loss!r}")
+    if cfg.data.imbalance not in SPLIT_IMBALANCES:
+        raise ConfigError(f"recipe tiw_dsm: needs a reference set, data.imbalance: one of "
+                          f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance!r}")
+    if cfg.tiw.train_set != "bias":
+        raise ConfigError("tiw.train_set: observed needs the score model to train on D_bias U "
+                          "D_ref, which the recipe does not build yet; use tiw.train_set: bias")
+
+
+register_recipe(Recipe(
+    "tiw_dsm",
+    diffusion_stages(
+        before_train=(aux_model_stage(
+            "discriminator", kind=DISCRIMINATOR,
+            keys=("tiw.beta_min", "tiw.beta_max", "tiw.t_min", "data."),
+            description="train the time-dependent discriminator, biased (0) vs reference (1)"),),
+        train_inputs={"discriminator": "checkpoint"}, train_keys=("tiw.",)),
+    description="TIW-DSM (Kim et al. 2024): a time-dependent discriminator, then the score "
+                "model with its importance-reweighted, score-corrected loss",
+    check=check_recipe))

@@ -12,7 +12,12 @@
 The experiment runner (``debiaslab.experiment``) runs a recipe built from them.
 """
 
-from debiaslab.stages.aux_model import aux_model_keys, aux_model_stage, train_aux_model
+from debiaslab.stages.aux_model import (
+    AuxModelKind,
+    aux_model_keys,
+    aux_model_stage,
+    train_aux_model,
+)
 from debiaslab.stages.common import StageResult, on_ray
 from debiaslab.stages.compose import diffusion_stages
 from debiaslab.stages.data import build_data, check_recipe, data_recipe, data_stage
@@ -32,8 +37,9 @@ from debiaslab.stages.sample import sample, sample_on_ray, sample_stage
 from debiaslab.stages.side_table import side_table_stage
 from debiaslab.stages.train import check_resumable, resume_point, train, train_stage
 
-__all__ = ["EVAL_TABLE_COLUMNS", "KID_MIN_SAMPLES", "StageResult", "aux_model_keys",
-           "aux_model_stage", "build_data", "build_metric_extractor", "check_recipe",
+__all__ = ["EVAL_TABLE_COLUMNS", "KID_MIN_SAMPLES", "AuxModelKind", "StageResult",
+           "aux_model_keys", "aux_model_stage", "build_data", "build_metric_extractor",
+           "check_recipe",
            "check_resumable", "data_recipe", "data_stage", "diffusion_stages", "eval_notes",
            "eval_row", "evaluate_run", "evaluate_samples", "evaluate_stage", "extract_features",
            "on_ray", "reference_path", "resume_point", "sample", "sample_on_ray", "sample_stage",

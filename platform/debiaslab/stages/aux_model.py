@@ -3,6 +3,7 @@ section, run and output artifact (Ray Train or this process)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,10 +12,49 @@ from debiaslab.errors import DataError
 from debiaslab.fileio import write_text_atomic
 from debiaslab.progress import log
 from debiaslab.stages.common import StageResult
+from debiaslab.training.factories import classifier_trainer
+
+
+@dataclass(frozen=True)
+class AuxModelKind:
+    """How one kind of auxiliary model trains and is validated (the noise-conditional
+    classifier by default; a method may bring its own, e.g. TIW-DSM's discriminator).
+
+    - ``train_local(ccfg, on_metrics=, progress=) -> (checkpoint, evaluation)``: train in this
+      process on the run config ``ccfg`` and validate the final weights;
+    - ``ray_factory(ccfg, **kwargs) -> Trainer``: a module-level function (Ray pickles it by
+      reference) that builds one Ray Train worker's Trainer from the config alone;
+    - ``validate_checkpoint(ccfg, checkpoint, device) -> evaluation``: the validation of a
+      trained checkpoint on the held-out rows.
+    An evaluation is the dict of ``training.classifier_eval.evaluate_classifier``: per bucket
+    ``t_lo``, ``t_hi``, ``accuracy``, ``loss``, ``count``, and ``accuracy_mean``, ``loss_mean``.
+    """
+
+    train_local: Callable[..., tuple[Any, dict[str, Any]]]
+    ray_factory: Callable[..., Any]
+    validate_checkpoint: Callable[..., dict[str, Any]]
+
+
+def _train_classifier_here(ccfg: ExperimentConfig, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    from debiaslab.training.classifier import train_classifier
+    from debiaslab.training.classifier_data import load_classifier_data
+
+    result = train_classifier(ccfg, load_classifier_data(ccfg), ccfg.run_dir, **kwargs)
+    return result.train.checkpoint, result.evaluation
+
+
+def _validate_classifier(ccfg: ExperimentConfig, checkpoint: Any, device: Any) -> dict[str, Any]:
+    from debiaslab.training.classifier import validate_checkpoint
+
+    return validate_checkpoint(ccfg, checkpoint, device)
+
+
+CLASSIFIER = AuxModelKind(_train_classifier_here, classifier_trainer, _validate_classifier)
 
 
 def train_aux_model(cfg: ExperimentConfig, ctx: Any, *, section: str = "classifier",
-                    name: str = "classifier", artifact: str = "classifier") -> Any:
+                    name: str = "classifier", artifact: str = "classifier",
+                    kind: AuxModelKind = CLASSIFIER) -> Any:
     """Train the auxiliary model of config section ``section`` (a classifier section) in its
     own run ``<name>.<stage name>`` (Ray Train or this process, as ``ctx.backend`` says), then
     validate it per timestep bucket on the held-out rows (plot). Output: checkpoint
@@ -23,12 +63,7 @@ def train_aux_model(cfg: ExperimentConfig, ctx: Any, *, section: str = "classifi
     from debiaslab.recipes import StageOutput, make_artifact
     from debiaslab.report import save_figure
     from debiaslab.runlock import run_lock
-    from debiaslab.training.classifier import (
-        classifier_experiment,
-        train_classifier,
-        validate_checkpoint,
-    )
-    from debiaslab.training.classifier_data import load_classifier_data
+    from debiaslab.training.classifier import classifier_experiment
     from debiaslab.training.classifier_eval import evaluation_metrics, plot_classifier_evaluation
 
     ccfg = classifier_experiment(cfg, section, run_suffix=name)
@@ -40,24 +75,22 @@ def train_aux_model(cfg: ExperimentConfig, ctx: Any, *, section: str = "classifi
             log(f"removed {path.name}, left by a writer that was killed")
         if ctx.backend == "ray":
             from debiaslab.distributed.train import train_distributed
-            from debiaslab.training.factories import classifier_trainer
 
             log(f"{name} on Ray Train: {cfg.distributed.num_workers} worker(s)")
             dist = train_distributed(
                 ccfg, tracking_uri=tracker.tracking_uri if tracker is not None else None,
                 mlflow_run_id=tracker.run_id if tracker is not None else None,
-                trainer_factory=classifier_trainer)
+                trainer_factory=kind.ray_factory)
             checkpoint = dist.checkpoint
             if checkpoint is None:
                 raise DataError(f"{dist.storage_dir}: the {name} run left no local "
                                 f"checkpoint (remote storage is not supported for guidance)")
-            evaluation = validate_checkpoint(ccfg, checkpoint, ccfg.train.device)
+            evaluation = kind.validate_checkpoint(ccfg, checkpoint, ccfg.train.device)
         else:
             on_metrics = ((lambda step, m: tracker.log_metrics(m, step))
                           if tracker is not None else None)
-            result = train_classifier(ccfg, load_classifier_data(ccfg), ccfg.run_dir,
-                                      on_metrics=on_metrics, progress=ctx.progress)
-            checkpoint, evaluation = result.train.checkpoint, result.evaluation
+            checkpoint, evaluation = kind.train_local(ccfg, on_metrics=on_metrics,
+                                                      progress=ctx.progress)
     metrics = {f"{name}/{k}": v for k, v in evaluation_metrics(evaluation).items()}
     plot = save_figure(plot_classifier_evaluation(
         evaluation, title=f"{ccfg.name}: validation per timestep"),
@@ -86,13 +119,15 @@ def aux_model_stage(name: str = "classifier", *, section: str | None = None,
                     artifact: str | None = None, inputs: dict[str, str] | None = None,
                     keys: tuple[str, ...] = (),
                     configure: Callable[[ExperimentConfig], ExperimentConfig] | None = None,
-                    backend: str = "ray", description: str = "") -> Any:
+                    backend: str = "ray", description: str = "",
+                    kind: AuxModelKind = CLASSIFIER) -> Any:
     """A stage that trains one auxiliary model (a classifier on noisy images or on a feature
     table; Ray Train by default): config section ``section`` (default: the stage name), run
     ``<name>.<stage name>``, output checkpoint ``artifact`` (default: the stage name), which
     guidance entries name with ``artifact:``. A recipe may hold any number of them, anywhere
     the data flow allows. ``configure``: adjusts the config first (e.g. binds the label column
-    of a side table an earlier stage wrote); ``keys``: config keys beyond the section's."""
+    of a side table an earlier stage wrote); ``keys``: config keys beyond the section's;
+    ``kind``: how the model trains and validates (:class:`AuxModelKind`, default a classifier)."""
     from debiaslab.recipes import Stage
 
     section = section or name
@@ -100,7 +135,7 @@ def aux_model_stage(name: str = "classifier", *, section: str | None = None,
 
     def run(cfg: ExperimentConfig, ctx: Any) -> Any:
         return train_aux_model(configure(cfg) if configure is not None else cfg, ctx,
-                               section=section, name=name, artifact=artifact)
+                               section=section, name=name, artifact=artifact, kind=kind)
 
     return Stage(name, run, inputs={"dataset": "dataset", **(inputs or {})},
                  outputs={artifact: "checkpoint"}, keys=aux_model_keys(section) + tuple(keys),

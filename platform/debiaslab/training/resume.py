@@ -39,13 +39,13 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in flatten(d).items()}
 
 
-def _compared(key: str) -> bool:
+def _compared(key: str, cfg: ExperimentConfig | None = None) -> bool:
     if key.startswith(INPUTS_PREFIX):  # the stage's input artifacts: their content, not where
         return key.endswith(".hash") and not key.startswith(f"{INPUTS_PREFIX}dataset.")
     if key in RESUME_COMPARED_DATA or key == WORLD_SIZE_KEY:
         return True
     return not any(key == p or (p.endswith(".") and key.startswith(p))
-                   for p in resume_ignored())
+                   for p in resume_ignored(cfg))
 
 
 def _world_size(flat: dict[str, Any]) -> int:
@@ -63,7 +63,7 @@ def config_differences(saved: dict[str, Any], current: ExperimentConfig) -> dict
     diffs = {}
     bound = bool(current.inputs)  # unbound (a preflight, `debiaslab train`): not known yet
     for key in sorted(set(old) | set(new)):
-        if not _compared(key) or (key.startswith(INPUTS_PREFIX) and not bound):
+        if not _compared(key, current) or (key.startswith(INPUTS_PREFIX) and not bound):
             continue
         # a key the checkpoint predates had its default value then
         before = old.get(key, defaults.get(key))

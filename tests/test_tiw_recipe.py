@@ -1,0 +1,99 @@
+"""TIW-DSM's recipe: a discriminator stage before training whose checkpoint the score model's
+loss reads, with balanced batches, per-tau validation and one-line errors for bad settings."""
+
+import pytest
+import torch
+from conftest import TINY
+
+from debiaslab.config import load_config
+from debiaslab.errors import CheckpointError, ConfigError, DataError
+from debiaslab.experiment import run_experiment
+from debiaslab.methods.tiw_dsm import (
+    TimeDependentDiscriminator,
+    _discriminator_task_class,
+    discriminator_data,
+)
+from debiaslab.recipes import get_recipe, read_record
+from debiaslab.stages import build_data
+from debiaslab.training.classifier import classifier_experiment
+from debiaslab.training.loop import StepBatch
+
+SMALL = TINY + [
+    "recipe=tiw_dsm", "diffusion.loss=tiw_dsm", "model.class_conditional=false",
+    "data.imbalance=long_tail_reference", "data.reference_count=50",
+    "distributed.backend=local", "train.steps=6", "train.warmup_steps=1",
+    "train.checkpoint_every=6", "discriminator.train.steps=6",
+    "discriminator.train.batch_size=16", "discriminator.train.checkpoint_every=6",
+    "discriminator.model.model_channels=16", "discriminator.model.channel_mult=[1,2]",
+    "discriminator.val_buckets=4", "sample.samplers=[edm_heun]", "sample.steps=3",
+    "sample.num_samples=10", "sample.batch_size=10", "sample.labels=none",
+    "metrics.bootstrap=0", "tracking.enabled=false", "name=tiw"]
+
+
+def test_discriminator_batches_are_balanced_and_any_split_sees_one_batch(tmp_path):
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path}"])
+    build_data(cfg)
+    ccfg = classifier_experiment(cfg, "discriminator", run_suffix="discriminator")
+    data = discriminator_data(ccfg)
+    assert data.class_names == ["biased", "reference"] and int(data.labels.sum()) == 50
+    task = _discriminator_task_class()(ccfg, data)
+
+    def batch(rank, world):
+        plan = StepBatch(step=3, seed=0, size=16, rank=rank, world_size=world,
+                         indices=torch.arange(16 // world))
+        return task.make_batch(plan)
+
+    one = batch(0, 1)
+    assert one["label"].tolist() == [0, 1] * 8  # half biased, half reference, alternating
+    assert ((one["tau"] >= 1e-5) & (one["tau"] <= 1)).all()
+    halves = [batch(r, 2) for r in (0, 1)]
+    for key in one:  # two Ray Train ranks together see exactly the one-process batch
+        assert torch.equal(torch.cat([h[key] for h in halves]), one[key]), key
+    assert all(h["label"].sum() == 4 for h in halves)  # each rank's slice is balanced too
+
+
+def test_recipe_runs_and_a_new_alpha_retrains_only_the_score_model(tmp_path):
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path}"])
+    assert [s.name for s in get_recipe(cfg).stages] == \
+        ["data", "discriminator", "train", "sample", "evaluate"]
+    result = run_experiment(cfg, progress=False)
+    assert {"discriminator", "train", "sample", "evaluate"} <= set(result.seconds)
+    disc = read_record(cfg, get_recipe(cfg).stage("discriminator"))
+    path = disc["outputs"]["discriminator"]["path"]
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    bound = state["config"]["inputs"]["discriminator"]  # the score model knows its critic
+    assert bound["path"] == path and bound["hash"] == disc["outputs"]["discriminator"]["hash"]
+    assert "discriminator/val/accuracy" in result.metrics
+    assert (tmp_path / "runs" / "tiw.discriminator" / "validation_per_timestep.png").is_file()
+
+    # another alpha is another score model: the discriminator is up to date, and the finished
+    # checkpoint of alpha = 1 is not resumed as if it were one of alpha = 0.5
+    with pytest.raises(CheckpointError, match=r"tiw\.alpha"):
+        run_experiment(load_config(None, SMALL + [f"output_dir={tmp_path}", "tiw.alpha=0.5"]),
+                       progress=False)
+    again = run_experiment(load_config(None, SMALL + [f"output_dir={tmp_path}", "tiw.alpha=1.0"]),
+                           progress=False)
+    assert not again.seconds  # the same settings: every stage up to date
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["data.imbalance=long_tail"], "recipe tiw_dsm: needs a reference set"),
+    (["diffusion.loss=edm"], "recipe tiw_dsm: needs diffusion.loss: one of tiw_dsm, iw_dsm"),
+    (["tiw.alpha=-1"], "tiw.alpha: must be a finite number >= 0, got -1"),
+    (["discriminator.train.batch_size=15"], "discriminator.train.batch_size: must be even"),
+])
+def test_bad_tiw_recipes_are_one_line_errors(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as info:
+        cfg = load_config(None, SMALL + [f"output_dir={tmp_path}", *overrides])
+        get_recipe(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_reference_without_rows_and_a_critic_for_other_images_are_refused(tmp_path):
+    with pytest.raises(DataError, match="at least one image per class"):
+        build_data(load_config(None, SMALL + [f"output_dir={tmp_path}", "data.reference_count=0",
+                                              "data.reference_fraction=0.001"]))
+    critic = TimeDependentDiscriminator(torch.nn.Identity(), shape=(1, 8, 8), source="d.pt")
+    with pytest.raises(ConfigError, match=r"d.pt: trained on images of shape \[1, 8, 8\], the "
+                                          r"score model's are \[1, 16, 16\]"):
+        critic(torch.zeros(2, 1, 16, 16), torch.full((2,), 0.5))
