@@ -32,3 +32,4 @@ bench: $(STAMP)
 	$(PY) tests/benchmarks/bench_guidance.py
 	$(PY) tests/benchmarks/bench_map_memory.py
 	$(PY) tests/benchmarks/bench_minority_score.py
+	$(PY) tests/benchmarks/bench_tiw.py
