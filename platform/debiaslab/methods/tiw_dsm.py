@@ -359,6 +359,9 @@ class DiscriminatorConfig(ClassifierConfig):
 
     label: str = "source"
     val_buckets: int = 10  # tau buckets of the validation plot
+    # which checkpoint of the run the score model uses: the kept one with the lowest validation
+    # BCE (the released CIFAR run's is an early one), or the last
+    select: Literal["val_bce", "last"] = "val_bce"
     # model and train: the classifier defaults (encoder classifier; Adam lr 3e-4, batch 128,
     # 1,000 steps, a checkpoint every 500; the released code trains 20k steps on CIFAR and uses
     # its ~500-step checkpoint)
@@ -517,17 +520,49 @@ def discriminator_trainer(cfg: ExperimentConfig, **kwargs: Any) -> Any:
 def _train_here(cfg: ExperimentConfig, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     from debiaslab.training.loop import Trainer
 
-    train_rows, val_rows = _split(cfg)
+    train_rows, _ = _split(cfg)
     trainer = Trainer(cfg, _discriminator_task_class()(cfg, train_rows), cfg.run_dir, **kwargs)
     result = trainer.fit()
-    return result.checkpoint, _validate(cfg, trainer.ema.shadow, val_rows)
+    return _validate_checkpoint(cfg, result.checkpoint, cfg.train.device)
 
 
-def _validate_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any) -> dict[str, Any]:
+def run_checkpoints(checkpoint: Any) -> list[Any]:
+    """Every intact-looking checkpoint of the run that wrote ``checkpoint``, oldest first: its
+    own folder, or each ``checkpoint_*`` folder of its Ray Train storage."""
+    from pathlib import Path
+
+    from debiaslab.checkpoints import list_checkpoints
+
+    folder = Path(checkpoint).parent
+    folders = (sorted(folder.parent.glob("checkpoint_*")) if folder.name.startswith("checkpoint_")
+               else [folder])
+    return [path for _, path in sorted(c for f in folders for c in list_checkpoints(f))]
+
+
+def _validate_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any
+                         ) -> tuple[Any, dict[str, Any]]:
+    """Validate the run's kept checkpoints on the held-out rows and return the one the score
+    model will use (``discriminator.select``) with its evaluation; the evaluation lists every
+    candidate's step and validation BCE under ``candidates``."""
+    from debiaslab.progress import log
     from debiaslab.training.classifier import load_classifier
 
-    model, _ = load_classifier(checkpoint, device)
-    return _validate(cfg, model, _split(cfg)[1])
+    val_rows = _split(cfg)[1]
+    candidates = [checkpoint] if cfg.discriminator.select == "last" else run_checkpoints(
+        checkpoint) or [checkpoint]
+    scored = []
+    for path in candidates:
+        model, info = load_classifier(path, device)
+        scored.append((_validate(cfg, model, val_rows), int(info["step"]), path))
+    best = min(scored, key=lambda item: (item[0]["loss_mean"], -item[1]))
+    evaluation = dict(best[0])
+    evaluation["candidates"] = [{"step": step, "val_bce": ev["loss_mean"]}
+                                for ev, step, _ in scored]
+    if len(scored) > 1:
+        shown = ", ".join(f"step {step}: {ev['loss_mean']:.4f}" for ev, step, _ in scored)
+        log(f"discriminator: the checkpoint of step {best[1]} has the lowest validation BCE "
+            f"({shown})")
+    return best[2], evaluation
 
 
 DISCRIMINATOR = AuxModelKind(_train_here, discriminator_trainer, _validate_checkpoint)

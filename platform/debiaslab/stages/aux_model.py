@@ -24,15 +24,17 @@ class AuxModelKind:
       process on the run config ``ccfg`` and validate the final weights;
     - ``ray_factory(ccfg, **kwargs) -> Trainer``: a module-level function (Ray pickles it by
       reference) that builds one Ray Train worker's Trainer from the config alone;
-    - ``validate_checkpoint(ccfg, checkpoint, device) -> evaluation``: the validation of a
-      trained checkpoint on the held-out rows.
+    - ``validate_checkpoint(ccfg, checkpoint, device) -> (checkpoint, evaluation)``: the
+      validation of a trained run's final checkpoint on the held-out rows; a kind may pick
+      another checkpoint of the run there (the one it returns is the stage's output).
+    ``train_local`` may pick likewise.
     An evaluation is the dict of ``training.classifier_eval.evaluate_classifier``: per bucket
     ``t_lo``, ``t_hi``, ``accuracy``, ``loss``, ``count``, and ``accuracy_mean``, ``loss_mean``.
     """
 
     train_local: Callable[..., tuple[Any, dict[str, Any]]]
     ray_factory: Callable[..., Any]
-    validate_checkpoint: Callable[..., dict[str, Any]]
+    validate_checkpoint: Callable[..., tuple[Any, dict[str, Any]]]
 
 
 def _train_classifier_here(ccfg: ExperimentConfig, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
@@ -43,10 +45,11 @@ def _train_classifier_here(ccfg: ExperimentConfig, **kwargs: Any) -> tuple[Any, 
     return result.train.checkpoint, result.evaluation
 
 
-def _validate_classifier(ccfg: ExperimentConfig, checkpoint: Any, device: Any) -> dict[str, Any]:
+def _validate_classifier(ccfg: ExperimentConfig, checkpoint: Any, device: Any
+                         ) -> tuple[Any, dict[str, Any]]:
     from debiaslab.training.classifier import validate_checkpoint
 
-    return validate_checkpoint(ccfg, checkpoint, device)
+    return checkpoint, validate_checkpoint(ccfg, checkpoint, device)
 
 
 CLASSIFIER = AuxModelKind(_train_classifier_here, classifier_trainer, _validate_classifier)
@@ -85,7 +88,8 @@ def train_aux_model(cfg: ExperimentConfig, ctx: Any, *, section: str = "classifi
             if checkpoint is None:
                 raise DataError(f"{dist.storage_dir}: the {name} run left no local "
                                 f"checkpoint (remote storage is not supported for guidance)")
-            evaluation = kind.validate_checkpoint(ccfg, checkpoint, ccfg.train.device)
+            checkpoint, evaluation = kind.validate_checkpoint(ccfg, checkpoint,
+                                                              ccfg.train.device)
         else:
             on_metrics = ((lambda step, m: tracker.log_metrics(m, step))
                           if tracker is not None else None)
