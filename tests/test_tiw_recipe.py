@@ -64,6 +64,9 @@ def test_recipe_runs_and_a_new_alpha_retrains_only_the_score_model(tmp_path):
     bound = state["config"]["inputs"]["discriminator"]  # the score model knows its critic
     assert bound["path"] == path and bound["hash"] == disc["outputs"]["discriminator"]["hash"]
     assert "discriminator/val/accuracy" in result.metrics
+    assert {"eval/bias/tv_reference", "eval/bias/tv_biased", "eval/bias/share_9"} <= \
+        set(result.metrics)  # the bias statistic of every evaluation
+    assert (cfg.run_dir / "eval" / "subgroups_edm_heun.png").is_file()
     assert (tmp_path / "runs" / "tiw.discriminator" / "validation_per_timestep.png").is_file()
 
     # another alpha is another score model: the discriminator is up to date, and the finished
@@ -146,3 +149,35 @@ def test_the_checkpoint_with_the_lowest_validation_bce_is_the_output(tmp_path):
     lcfg = classifier_experiment(last, "discriminator", run_suffix="discriminator")
     final, ev = DISCRIMINATOR.train_local(lcfg, progress=False)
     assert final.name == "ckpt_00000006.pt" and [c["step"] for c in ev["candidates"]] == [6]
+
+
+@pytest.mark.parametrize("setting", [
+    ["data.imbalance=long_tail_reference", "data.reference_count=50"],
+    ["data.imbalance=attribute_bias", "data.bias_attribute=bold", "data.bias_ratio=0.9",
+     "data.reference_count=100"],
+])
+def test_bias_statistic_places_real_sets_where_they_belong(tmp_path, setting):
+    """Fed the reference images as samples, the statistic finds them near the reference's
+    subgroup shares and far from the biased set's; fed the biased images, the other way round
+    (the digits extractor's predictions are ~98% accurate, so not exactly 0)."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.methods.tiw_dsm import bias_evaluation, subgroup_of, total_variation
+    from debiaslab.metrics.evaluate import SampleSet
+    from debiaslab.metrics.features import build_extractor
+
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path}", *setting])
+    build_data(cfg)
+    extractor = build_extractor("digits")
+    out = {}
+    for name in ("reference", "biased"):
+        images = ImageDataset.load(cfg.dataset_path / name).images.numpy()
+        samples = SampleSet(images=images, labels=None, source=str(tmp_path / name))
+        out[name], meta = bias_evaluation(cfg, samples, extractor, {})
+    gap = meta["bias_statistic"]["tv_reference_vs_biased"]
+    assert gap > 0.25  # the two sets really differ in this subgroup (measured 0.297, 0.40)
+    assert out["reference"]["bias/tv_reference"] < 0.25 * gap
+    assert out["biased"]["bias/tv_biased"] < 0.25 * gap
+    assert out["reference"]["bias/tv_biased"] > 0.75 * gap
+    assert meta["bias_statistic"]["by"] == subgroup_of(cfg)
+    assert (cfg.run_dir / "eval" / "subgroups_biased.png").stat().st_size > 0
+    assert total_variation([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4)

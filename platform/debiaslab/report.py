@@ -148,6 +148,27 @@ def class_count_figure(
     return fig
 
 
+def shares_figure(series: Mapping[str, Sequence[float]], groups: Sequence[str],
+                  title: str = "", xlabel: str = "subgroup") -> Figure:
+    """Proportions of several populations side by side, one bar group per subgroup (e.g. the
+    biased set, the reference set and the samples)."""
+    width = BAR_GROUP_WIDTH / max(len(series), 1)
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    positions = np.arange(len(groups), dtype=float)
+    for offset, (label, values) in enumerate(series.items()):
+        shift = (offset - (len(series) - 1) / 2) * width
+        ax.bar(positions + shift, list(values), width=width, label=label)
+    ax.set_xticks(positions)
+    ax.set_xticklabels(list(groups), rotation=90 if len(groups) > ROTATE_LABELS_ABOVE else 0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("proportion")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def image_panels_figure(panels: Mapping[str, Any], title: str = "", columns: int = 2) -> Figure:
     """Several image grids side by side, each titled (e.g. model x sampler in the quickstart).
 

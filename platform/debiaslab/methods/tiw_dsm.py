@@ -568,6 +568,77 @@ def _validate_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any
 DISCRIMINATOR = AuxModelKind(_train_here, discriminator_trainer, _validate_checkpoint)
 
 
+# ------------------------------------------------------------------------------ evaluation
+
+def subgroup_of(cfg: ExperimentConfig) -> str:
+    """The subgroup a setting is biased in: the class for long-tail builds, the bias attribute
+    for attribute-bias builds."""
+    return f"attr:{cfg.data.bias_attribute}" if cfg.data.imbalance == "attribute_bias" else "class"
+
+
+def shares(groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """Proportion of each subgroup 0..num_groups-1."""
+    counts = np.bincount(np.asarray(groups, dtype=np.int64), minlength=num_groups)
+    return counts / max(len(groups), 1)
+
+
+def total_variation(p: np.ndarray, q: np.ndarray) -> float:
+    """TV(p, q) = sum |p - q| / 2: the largest difference in probability any event can have."""
+    return float(np.abs(np.asarray(p) - np.asarray(q)).sum() / 2)
+
+
+def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
+                    inputs: dict[str, str]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Recipe.evaluation, the bias statistic: the samples' subgroup proportions (class or the bias
+    attribute, as the evaluation extractor predicts them) against the reference set's and the
+    biased set's (their stored labels). Metrics: ``bias/tv_reference`` and ``bias/tv_biased``
+    (total variation; the debiased model should be nearer the reference), ``bias/fd_reference``
+    (L2, the fairness discrepancy against the reference) and each subgroup's sample share.
+    Writes the side-by-side plot ``eval/subgroups_<sample set>.png``."""
+    from pathlib import Path
+
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.data.sources import BIASED_NAME, REFERENCE_NAME
+    from debiaslab.report import save_figure, shares_figure
+
+    by = subgroup_of(cfg)
+    ext = extractor.extract(samples.images, batch_size=cfg.metrics.batch_size)
+    sets = {name: ImageDataset.load(cfg.dataset_path / name)
+            for name in (BIASED_NAME, REFERENCE_NAME)}
+    if by == "class":
+        if ext.classes is None:
+            raise ConfigError(f"metrics.extractor={cfg.metrics.extractor}: the bias statistic "
+                              f"needs an extractor that predicts classes (e.g. digits)")
+        names = list(sets[BIASED_NAME].class_names)
+        predicted = ext.classes
+        truth = {k: d.labels.numpy() for k, d in sets.items()}
+    else:
+        attribute = by.split(":", 1)[1]
+        if ext.attributes is None or attribute not in extractor.attr_names:
+            raise ConfigError(f"metrics.extractor={cfg.metrics.extractor}: the bias statistic "
+                              f"needs an extractor that predicts attribute {attribute!r}")
+        names = [f"{attribute}=0", f"{attribute}=1"]
+        predicted = ext.attributes[:, list(extractor.attr_names).index(attribute)]
+        column = list(sets[BIASED_NAME].attr_names).index(attribute)
+        truth = {k: d.attributes.numpy()[:, column] for k, d in sets.items()}
+    k = len(names)
+    p = {"samples": shares(predicted, k), "reference": shares(truth[REFERENCE_NAME], k),
+         "biased": shares(truth[BIASED_NAME], k)}
+    metrics = {"bias/tv_reference": total_variation(p["samples"], p["reference"]),
+               "bias/tv_biased": total_variation(p["samples"], p["biased"]),
+               "bias/fd_reference": float(np.linalg.norm(p["samples"] - p["reference"]))}
+    metrics.update({f"bias/share_{name}": float(v) for name, v in zip(names, p["samples"])})
+    label = Path(samples.source).name
+    save_figure(shares_figure({n: p[n] for n in ("biased", "reference", "samples")}, names,
+                              title=f"{cfg.name} / {label}: subgroup shares", xlabel=by),
+                cfg.run_dir / "eval" / f"subgroups_{label}.png")
+    meta = {"bias_statistic": {"by": by, "names": names,
+                               **{n: v.tolist() for n, v in p.items()},
+                               "tv_reference_vs_biased": total_variation(p["reference"],
+                                                                         p["biased"])}}
+    return metrics, meta
+
+
 # ------------------------------------------------------------------------------ recipe
 
 def check_recipe(cfg: ExperimentConfig) -> None:
@@ -596,4 +667,4 @@ register_recipe(Recipe(
         train_inputs={"discriminator": "checkpoint"}, train_keys=("tiw.",)),
     description="TIW-DSM (Kim et al. 2024): a time-dependent discriminator, then the score "
                 "model with its importance-reweighted, score-corrected loss",
-    check=check_recipe))
+    check=check_recipe, evaluation=bias_evaluation))
