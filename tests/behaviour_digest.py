@@ -33,9 +33,9 @@ TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_
 FAKE_HASH = "0" * 64
 LATER_SECTIONS = ("tiw", "discriminator")  # sections of methods added after the digest
 # config keys added after the digest was written, left out of the config hash at their default
-# value; the data stage's key does include data.reference_count, so its stored keys were
-# recomputed when the key was added (issue 19), and only the ``:data`` entries changed
-LATER_KEYS = {"data.reference_count": 0}
+# value; the data stage's key does include data.reference_count and data.train_on, so its stored
+# keys were recomputed when each was added (issue 19), and only the ``:data`` entries changed
+LATER_KEYS = {"data.reference_count": 0, "data.train_on": "biased"}
 
 
 def _sha(obj) -> str:

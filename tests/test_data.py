@@ -615,7 +615,7 @@ def test_build_long_tail_digits(tmp_path: Path, digits: ImageArrays) -> None:
 def test_build_attribute_bias_digits(tmp_path: Path) -> None:
     out = build_dataset("digits", tmp_path / "ab", imbalance="attribute_bias",
                         bias_attribute="bold", bias_ratio=0.9, reference_fraction=0.1, seed=0)
-    assert sorted(os.listdir(out)) == ["biased", "reference", "splits.json"]
+    assert sorted(os.listdir(out)) == ["biased", "observed", "reference", "splits.json"]
     biased = ImageDataset.load(out / "biased")
     reference = ImageDataset.load(out / "reference")
     assert not set(biased.ids) & set(reference.ids)

@@ -62,6 +62,16 @@ def test_build_writes_both_sets_and_they_read_back_with_a_source_column(tmp_path
     assert sorted(set(both.source)) == ["biased", "reference"]
     assert (both.source == "reference").sum() == 50
     assert len(set(both.ids)) == len(both.ids)  # disjoint: no image in both
+    observed = read_manifest(cfg.dataset_path / "observed")  # D_obs = D_bias U D_ref
+    assert observed.num_rows == biased.num_rows + 50
+    assert sorted(read_datasets({"o": cfg.dataset_path / "observed"}).ids) == sorted(both.ids)
+    on_obs = load_config(None, ["data.imbalance=long_tail_reference", "data.reference_count=50",
+                                f"output_dir={tmp_path}", "data.train_on=observed"])
+    assert train_data_path(on_obs) == cfg.dataset_path / "observed"
+    from debiaslab.methods.tiw_dsm import reference_share
+
+    assert reference_share(on_obs) == 50 / (50 + biased.num_rows)
+    assert reference_share(cfg) == 0.0
     build_data(cfg)  # reused: the manifest records the same recipe
     other = load_config(None, ["data.imbalance=long_tail_reference", "data.reference_count=60",
                                f"output_dir={tmp_path}",

@@ -95,22 +95,29 @@ def test_tau_sampler_ends_and_vp_identities():
 
 # ------------------------------------------------------------------------------ the target
 
-@pytest.mark.parametrize(("train_set", "train_weights"), [
-    ("bias", P_BIAS),  # training on D_bias: w = D / (1 - D)
-    ("observed", tuple((a + b) / 2 for a, b in zip(P_DATA, P_BIAS))),  # 50/50 D_obs: w = 2D
+def mixed(share):
+    """Mode weights of a training set with a ``share`` of reference images, the rest biased."""
+    return tuple(share * a + (1 - share) * b for a, b in zip(P_DATA, P_BIAS))
+
+
+@pytest.mark.parametrize("share", [
+    0.0,  # training on D_bias: w = D / (1 - D)
+    0.5,  # a 50/50 mixture (the released code's tiled reference): w = 2D
+    50 / 736,  # D_obs as built: 50 reference and 686 biased images
 ])
-def test_tiw_target_expectation_is_the_reference_denoiser(train_set, train_weights):
+def test_tiw_target_expectation_is_the_reference_denoiser(share):
     """E_train[y + sigma^2 grad log w | x] = E_data[y | x] at every (x, sigma): the corrected
     target's minimiser is the reference's denoiser (Theorem 1)."""
+    train_weights = mixed(share)
     x, sigma = grid()
-    terms = tiw_terms(bayes_discriminator, x, sigma, train_set=train_set)
+    terms = tiw_terms(bayes_discriminator, x, sigma, reference_share=share)
     s = sigma.view(-1, 1)
     got = posterior_mean(x, s, train_weights) + terms.correction
     want = posterior_mean(x, s, P_DATA)
     assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
     # without the correction the target's expectation is the training set's denoiser, which
     # is measurably off: the test would catch a missing or mis-scaled correction
-    assert (posterior_mean(x, s, train_weights) - want).abs().max() > 0.1
+    assert (posterior_mean(x, s, train_weights) - want).abs().max() > 0.05
     # and the weight is the density ratio of the diffused marginals
     ratio = mixture_density(x, s, P_DATA) / mixture_density(x, s, train_weights)
     assert torch.allclose(terms.weight, ratio.reshape(-1), rtol=1e-9)
@@ -141,7 +148,7 @@ def test_alpha_scales_the_log_ratio_and_ablations_drop_one_term():
 def test_code_form_is_the_released_formula():
     """Weight 2D and correction -sigma^2 grad_x D, by central differences in float64."""
     x, sigma = grid()
-    terms = tiw_terms(bayes_discriminator, x, sigma, form="code", train_set="observed")
+    terms = tiw_terms(bayes_discriminator, x, sigma, form="code", reference_share=0.5)
     tau = tau_from_sigma(sigma)
     m = vp_mean(tau).view(-1, 1)
 
@@ -153,7 +160,7 @@ def test_code_form_is_the_released_formula():
     assert torch.allclose(terms.weight, 2 * d_at(x), rtol=1e-12)
     assert torch.allclose(terms.correction, -(sigma.view(-1, 1) ** 2) * grad, atol=1e-7)
     # the released sign is opposite to the paper's wherever D changes with x
-    paper = tiw_terms(bayes_discriminator, x, sigma, train_set="observed").correction
+    paper = tiw_terms(bayes_discriminator, x, sigma, reference_share=0.5).correction
     moving = paper.abs() > 1e-3
     assert (torch.sign(paper[moving]) != torch.sign(terms.correction[moving])).all()
 
@@ -249,8 +256,10 @@ def test_tiw_dsm_on_biased_samples_recovers_the_reference_denoiser_better_than_d
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["tiw.alpha=-0.5"], "tiw.alpha: must be a finite number >= 0, got -0.5"),
-    (["tiw.form=code"], "tiw.form=code: its weight 2D is the ratio against a 50/50 mixture"),
-    (["tiw.form=code", "tiw.train_set=observed", "tiw.alpha=2"], "tiw.alpha: the released code"),
+    (["tiw.form=code"], "tiw.form=code: its weight 2D is the ratio against a mixture"),
+    (["tiw.form=code", "data.imbalance=long_tail_reference", "data.train_on=observed",
+      "tiw.alpha=2"], "tiw.alpha: the released code"),
+    (["data.train_on=observed"], "data.train_on: observed needs a build with a reference set"),
     (["tiw.weight=false", "tiw.correction=false"], "that is plain DSM"),
     (["tiw.form=exact"], "tiw.form"),
 ])

@@ -84,6 +84,8 @@ def test_recipe_runs_and_a_new_alpha_retrains_only_the_score_model(tmp_path):
     (["diffusion.loss=edm"], "recipe tiw_dsm: needs diffusion.loss: one of tiw_dsm, iw_dsm"),
     (["tiw.alpha=-1"], "tiw.alpha: must be a finite number >= 0, got -1"),
     (["discriminator.train.batch_size=15"], "discriminator.train.batch_size: must be even"),
+    (["data.train_on=reference"], "recipe tiw_dsm: data.train_on: reference trains on the "
+                                  "unbiased set alone (the DSM(ref) baseline)"),
 ])
 def test_bad_tiw_recipes_are_one_line_errors(tmp_path, overrides, message):
     with pytest.raises(ConfigError) as info:

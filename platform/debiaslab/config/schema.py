@@ -27,6 +27,8 @@ class DataConfig:
     bias_ratio: float = 0.9
     reference_fraction: float = 0.05  # of the source's images (attribute_bias, long_tail_reference)
     reference_count: int = 0  # > 0: the reference set's size, instead of reference_fraction
+    # builds with a reference set: what the score model trains on (observed = biased U reference)
+    train_on: Literal["biased", "reference", "observed"] = "biased"
     seed: int = 0
     dataset_dir: str = ""  # default: <output_dir>/data/<experiment name's data key>
     augment: str = "none"  # data.augment.AUGMENTS

@@ -10,11 +10,12 @@ from debiaslab.errors import DataError
 
 
 def train_data_path(cfg: Any, root: Path | None = None) -> Path:
-    """The folder the score model trains on (the biased part for attribute-bias builds)."""
-    from debiaslab.data.sources import BIASED_NAME, SPLIT_IMBALANCES
+    """The folder the score model trains on: for builds with a reference set, the part
+    ``data.train_on`` names (biased, reference or observed = both)."""
+    from debiaslab.data.sources import SPLIT_IMBALANCES
 
     root = root or cfg.dataset_path
-    return root / BIASED_NAME if cfg.data.imbalance in SPLIT_IMBALANCES else root
+    return root / cfg.data.train_on if cfg.data.imbalance in SPLIT_IMBALANCES else root
 
 
 def load_training_data(cfg: Any) -> Any:

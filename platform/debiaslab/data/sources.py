@@ -79,6 +79,7 @@ DEFAULT_BIAS_RATIO = 0.9
 DEFAULT_REFERENCE_FRACTION = 0.05
 BIASED_NAME = "biased"
 REFERENCE_NAME = "reference"
+OBSERVED_NAME = "observed"  # D_obs = D_bias U D_ref, written beside them (TIW-DSM's DSM(obs))
 # imbalances that write a biased set and a reference set (BIASED_NAME/, REFERENCE_NAME/)
 SPLIT_IMBALANCES = (IMBALANCE_ATTRIBUTE_BIAS, IMBALANCE_LONG_TAIL_REFERENCE)
 
@@ -740,14 +741,16 @@ def build_dataset(
 
     `none` / `long_tail` write one dataset at `out_dir`. `attribute_bias` and
     `long_tail_reference` write two disjoint datasets, `out_dir/biased` and `out_dir/reference`,
-    plus `out_dir/splits.json`; the pair is written into a temp folder and renamed into place
-    together. Rows keep their source ids.
+    their union `out_dir/observed` (D_obs) and `out_dir/splits.json`, all written into a temp
+    folder and renamed into place together. Rows keep their source ids.
     """
     builder = IMBALANCES.get(imbalance)
     spec = ImbalanceSpec(imb_factor, n_max, bias_attribute, bias_ratio, reference_fraction, seed,
                          reference_count)
     data = load_source(source, source_options)
     parts = builder(data, spec)
+    if set(parts) == {BIASED_NAME, REFERENCE_NAME}:  # the observed set: both, biased rows first
+        parts[OBSERVED_NAME] = np.concatenate([parts[BIASED_NAME], parts[REFERENCE_NAME]])
     out_path = Path(out_dir).absolute()
     base_name = name or out_path.name
     recipe = {

@@ -48,7 +48,6 @@ TIME_SCALE = 999.0  # tau in (0, 1] is multiplied by this before the network's t
 
 TIW_LOSSES = ("tiw_dsm", "iw_dsm")
 Form = Literal["paper", "code"]
-TrainSet = Literal["bias", "observed"]
 
 
 # ------------------------------------------------------------------------------ VP time
@@ -126,13 +125,15 @@ def perturb(x0: Tensor, tau: Tensor, noise: Tensor, b0: float = BETA_MIN,
 Discriminator = Callable[[Tensor, Tensor], Tensor]  # (x_vp [B, ...], tau [B]) -> P(ref) [B]
 
 
-def log_ratio(d: Tensor, train_set: TrainSet) -> Tensor:
-    """log w from a clipped D ~ p_data / (p_data + p_bias) (§2.3, §2.4 FLAG weight 2D):
-    - score training on D_bias: w = p_data / p_bias = D / (1 - D);
-    - on D_obs, a 50/50 mixture of reference and bias: w = p_data / ((p_data + p_bias) / 2) = 2D."""
-    if train_set == "bias":
-        return torch.log(d) - torch.log1p(-d)
-    return math.log(2.0) + torch.log(d)
+def log_ratio(d: Tensor, reference_share: float = 0.0) -> Tensor:
+    """log w, w = p_data / p_train, from a clipped D ~ p_data / (p_data + p_bias) (§2.3, §2.4
+    FLAG weight 2D). The score model's training set mixes reference and biased images with
+    reference share pi: p_train = (1 - pi) p_bias + pi p_data. Since p_bias = p_data (1 - D) / D,
+    w = D / ((1 - pi)(1 - D) + pi D):
+    - training on D_bias (pi = 0): w = D / (1 - D);
+    - on a 50/50 mixture (pi = 1/2, the released code's tiled reference): w = 2D;
+    - on D_obs = D_bias U D_ref as it is: pi = |D_ref| / (|D_ref| + |D_bias|)."""
+    return torch.log(d) - torch.log((1.0 - reference_share) * (1.0 - d) + reference_share * d)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ class TIWTerms:
 
 
 def tiw_terms(disc: Discriminator, x: Tensor, sigma: Tensor, *, form: Form = "paper",
-              train_set: TrainSet = "bias", alpha: float = 1.0, weight: bool = True,
+              reference_share: float = 0.0, alpha: float = 1.0, weight: bool = True,
               correction: bool = True, clip: float = D_CLIP, b0: float = BETA_MIN,
               b1: float = BETA_MAX) -> TIWTerms:
     """The time-dependent importance weight and score correction at EDM-space x = y + sigma n.
@@ -158,7 +159,9 @@ def tiw_terms(disc: Discriminator, x: Tensor, sigma: Tensor, *, form: Form = "pa
     - ``form: code`` (the released TIW_EDMLoss formulas, §2.4): weight 2D, correction
       -sigma^2 grad_x D. Each sample gets its own weight here; the released code's broadcast,
       which gives every sample the batch's summed weight, is not reproduced.
-    ``weight`` / ``correction`` False drop one term (the C-only and W-only ablations)."""
+    ``reference_share``: the reference images' share of the score model's training set
+    (:func:`log_ratio`). ``weight`` / ``correction`` False drop one term (the C-only and W-only
+    ablations)."""
     view = (-1,) + (1,) * (x.ndim - 1)
     dtype = torch.promote_types(x.dtype, torch.float32)  # float32 at least (bf16 training)
     sigma = sigma.to(x.device, dtype)
@@ -168,7 +171,7 @@ def tiw_terms(disc: Discriminator, x: Tensor, sigma: Tensor, *, form: Form = "pa
         x_vp = x_req * vp_mean(tau, b0, b1).view(view)
         d = disc(x_vp, tau).to(dtype).reshape(-1).clamp(clip, 1.0 - clip)
         if form == "paper":
-            log_w = alpha * log_ratio(d, train_set)
+            log_w = alpha * log_ratio(d, reference_share)
             (grad,) = torch.autograd.grad(log_w.sum(), x_req)
             w = log_w.exp()
             shift = sigma.view(view) ** 2 * grad
@@ -181,7 +184,7 @@ def tiw_terms(disc: Discriminator, x: Tensor, sigma: Tensor, *, form: Form = "pa
     return TIWTerms(weight=w, correction=shift.to(x.dtype))
 
 
-def iw_weight(disc: Discriminator, x0: Tensor, *, train_set: TrainSet = "bias",
+def iw_weight(disc: Discriminator, x0: Tensor, *, reference_share: float = 0.0,
               alpha: float = 1.0, clip: float = D_CLIP) -> Tensor:
     """IW-DSM (paper Eq. 7): the time-INdependent weight w(x0)^alpha from a discriminator on
     clean images (tau = t_min), with no score correction. Detached, [B]."""
@@ -189,7 +192,7 @@ def iw_weight(disc: Discriminator, x0: Tensor, *, train_set: TrainSet = "bias",
     with torch.no_grad():
         tau = torch.full((x0.shape[0],), T_MIN, device=x0.device, dtype=dtype)
         d = disc(x0.to(dtype), tau).to(dtype).reshape(-1).clamp(clip, 1.0 - clip)
-        return (alpha * log_ratio(d, train_set)).exp()
+        return (alpha * log_ratio(d, reference_share)).exp()
 
 
 class TimeDependentDiscriminator(nn.Module):
@@ -223,6 +226,22 @@ REFERENCE_LABEL = 1  # the source label of reference images (biased images: 0)
 DISCRIMINATOR_ARTIFACT = "discriminator"
 
 
+def reference_share(cfg: Any) -> float:
+    """The reference images' share of the score model's training set: 0 on the biased set,
+    |D_ref| / (|D_ref| + |D_bias|) on the observed set, 1 on the reference alone (from the
+    built datasets' manifests)."""
+    from debiaslab.data.schema import read_manifest
+    from debiaslab.data.sources import BIASED_NAME, REFERENCE_NAME
+
+    if cfg.data.train_on == "biased":
+        return 0.0
+    if cfg.data.train_on == "reference":
+        return 1.0
+    n_ref = read_manifest(cfg.dataset_path / REFERENCE_NAME).num_rows
+    n_bias = read_manifest(cfg.dataset_path / BIASED_NAME).num_rows
+    return n_ref / (n_ref + n_bias)
+
+
 def load_discriminator(cfg: Any) -> TimeDependentDiscriminator:
     """The discriminator checkpoint the recipe bound into ``cfg.inputs`` (its discriminator
     stage's output), rebuilt from the checkpoint alone; a missing input or a checkpoint for
@@ -249,7 +268,8 @@ class TIWConfig:
     read when diffusion.loss is tiw_dsm or iw_dsm. The one place its defaults are written."""
 
     form: Form = "paper"
-    train_set: TrainSet = "bias"  # the score model trains on D_bias, or D_obs = D_bias U D_ref
+    # the score model's training set is data.train_on (biased, or observed = biased U reference);
+    # the ratio's mixture share of reference images follows from it (log_ratio)
     alpha: float = 1.0  # exponent on the ratio: w^alpha (bias vs FID trade-off)
     weight: bool = True  # False: C-only ablation
     correction: bool = True  # False: W-only ablation (iw_dsm never corrects)
@@ -275,9 +295,9 @@ class TIWConfig:
                               f"{self.beta_min}, {self.beta_max}")
         if not 0.0 < self.t_min < 1.0:
             raise ConfigError(f"tiw.t_min: must be in (0, 1), got {self.t_min}")
-        if self.form == "code" and self.train_set != "observed":
-            raise ConfigError("tiw.form=code: its weight 2D is the ratio against a 50/50 "
-                              "mixture, so it needs tiw.train_set: observed")
+        if self.form == "code" and cfg.data.train_on != "observed":
+            raise ConfigError("tiw.form=code: its weight 2D is the ratio against a mixture of "
+                              "reference and biased images, so it needs data.train_on: observed")
         if self.form == "code" and self.alpha != 1.0:
             raise ConfigError("tiw.alpha: the released code has no exponent; use tiw.form: "
                               "paper to vary it")
@@ -298,10 +318,12 @@ class TIWDSMLoss(EDMLoss):
     with w = w_t(x) from the frozen time-dependent discriminator (see :func:`tiw_terms`)."""
 
     def __init__(self, *args: Any, discriminator: nn.Module | Discriminator,
-                 tiw: TIWConfig | None = None, **kwargs: Any) -> None:
+                 tiw: TIWConfig | None = None, reference_share: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.discriminator = discriminator
         self.tiw = tiw or TIWConfig()
+        self.reference_share = reference_share
 
     @classmethod
     def from_config(cls, cfg: Any) -> "TIWDSMLoss":
@@ -309,7 +331,8 @@ class TIWDSMLoss(EDMLoss):
         from debiaslab.diffusion.schedules import build_schedule
 
         return cls(build_schedule(d.schedule, d.num_timesteps), d.edm_p_mean, d.edm_p_std,
-                   d.sigma_data, discriminator=load_discriminator(cfg), tiw=cfg.tiw)
+                   d.sigma_data, discriminator=load_discriminator(cfg), tiw=cfg.tiw,
+                   reference_share=reference_share(cfg))
 
     def frozen_modules(self) -> dict[str, nn.Module]:
         disc = self.discriminator
@@ -317,7 +340,8 @@ class TIWDSMLoss(EDMLoss):
 
     def terms(self, x: Tensor, sigma: Tensor, y: Tensor) -> TIWTerms:
         c = self.tiw
-        return tiw_terms(self.discriminator, x, sigma, form=c.form, train_set=c.train_set,
+        return tiw_terms(self.discriminator, x, sigma, form=c.form,
+                         reference_share=self.reference_share,
                          alpha=c.alpha, weight=c.weight, correction=c.correction, clip=c.clip,
                          b0=c.beta_min, b1=c.beta_max)
 
@@ -340,7 +364,8 @@ class IWDSMLoss(TIWDSMLoss):
 
     def terms(self, x: Tensor, sigma: Tensor, y: Tensor) -> TIWTerms:
         c = self.tiw
-        w = iw_weight(self.discriminator, y, train_set=c.train_set, alpha=c.alpha, clip=c.clip)
+        w = iw_weight(self.discriminator, y, reference_share=self.reference_share,
+                      alpha=c.alpha, clip=c.clip)
         return TIWTerms(weight=w, correction=torch.zeros_like(x))
 
 
@@ -642,8 +667,8 @@ def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
 # ------------------------------------------------------------------------------ recipe
 
 def check_recipe(cfg: ExperimentConfig) -> None:
-    """The TIW recipe's own rules: a TIW loss, a reference build, and (until the score model can
-    train on D_obs) the biased set as the score model's training set."""
+    """The TIW recipe's own rules: a TIW loss, a reference build, and the biased or observed set
+    as the score model's training set."""
     from debiaslab.data.sources import SPLIT_IMBALANCES
 
     if cfg.diffusion.loss not in TIW_LOSSES:
@@ -652,9 +677,10 @@ def check_recipe(cfg: ExperimentConfig) -> None:
     if cfg.data.imbalance not in SPLIT_IMBALANCES:
         raise ConfigError(f"recipe tiw_dsm: needs a reference set, data.imbalance: one of "
                           f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance!r}")
-    if cfg.tiw.train_set != "bias":
-        raise ConfigError("tiw.train_set: observed needs the score model to train on D_bias U "
-                          "D_ref, which the recipe does not build yet; use tiw.train_set: bias")
+    if cfg.data.train_on == "reference":
+        raise ConfigError("recipe tiw_dsm: data.train_on: reference trains on the unbiased set "
+                          "alone (the DSM(ref) baseline); use recipe diffusion with "
+                          "diffusion.loss: edm for it, or data.train_on: biased or observed")
 
 
 register_recipe(Recipe(
