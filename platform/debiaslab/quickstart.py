@@ -112,7 +112,9 @@ def run_experiments(configs: Sequence[ExperimentConfig], *, processes: int, thre
     spawned process (fresh torch and plugin state; its lines carry the experiment's name), after
     this process built their datasets and created the MLflow store, which they then share. A
     failure or a SIGTERM here ends the other processes too (SIGTERM: their MLflow runs end as
-    KILLED); an error raised in a process is raised here."""
+    KILLED); an error raised in a process is raised here. A script that calls this with
+    ``processes > 1`` needs the usual ``if __name__ == "__main__":`` guard (spawned processes
+    import the main module)."""
     from debiaslab.stages import build_data
 
     for cfg in configs:
