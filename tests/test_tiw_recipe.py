@@ -1,6 +1,8 @@
 """TIW-DSM's recipe: a discriminator stage before training whose checkpoint the score model's
 loss reads, with balanced batches, per-tau validation and one-line errors for bad settings."""
 
+import math
+
 import pytest
 import torch
 from conftest import TINY
@@ -183,3 +185,29 @@ def test_bias_statistic_places_real_sets_where_they_belong(tmp_path, setting):
     assert meta["bias_statistic"]["by"] == subgroup_of(cfg)
     assert (cfg.run_dir / "eval" / "subgroups_biased.png").stat().st_size > 0
     assert total_variation([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4)
+
+
+def test_validation_is_class_balanced(tmp_path):
+    """A critic that always answers "biased" scores 0.5, not the biased rows' share of the
+    held-out set (0.93 on digits-LT with 50 references)."""
+    from debiaslab.methods.tiw_dsm import TIWConfig, evaluate_discriminator
+    from debiaslab.training.classifier_data import split_data
+
+    class AlwaysBiased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.tensor([3.0, 0.0]))
+
+        def forward(self, x, t):
+            return self.bias.expand(len(x), 2)
+
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path}"])
+    build_data(cfg)
+    ccfg = classifier_experiment(cfg, "discriminator", run_suffix="discriminator")
+    _, val_rows = split_data(ccfg, discriminator_data(ccfg))
+    assert float(val_rows.labels.float().mean()) < 0.1  # mostly biased rows
+    ev = evaluate_discriminator(AlwaysBiased(), val_rows, TIWConfig(), buckets=3, seed=0)
+    assert ev["accuracy_mean"] == pytest.approx(0.5) and ev["accuracy"] == pytest.approx([0.5] * 3)
+    loss_ref = -math.log(math.exp(0) / (math.exp(3) + math.exp(0)))
+    loss_bias = -math.log(math.exp(3) / (math.exp(3) + math.exp(0)))
+    assert ev["loss_mean"] == pytest.approx((loss_ref + loss_bias) / 2)
