@@ -117,11 +117,11 @@ def run_experiments(configs: Sequence[ExperimentConfig], *, processes: int, thre
     import the main module)."""
     from debiaslab.stages import build_data
 
-    for cfg in configs:
-        build_data(cfg)  # once, before the processes share the dataset folders
     if processes == 1:
         with torch_threads(threads):
             return {cfg.name: run_experiment(cfg, progress=progress) for cfg in configs}
+    for cfg in configs:
+        build_data(cfg)  # once, before the processes share the dataset folders
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 

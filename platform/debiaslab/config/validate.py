@@ -74,10 +74,11 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
-    if cfg.data.train_on != "biased" and cfg.data.imbalance not in ("attribute_bias",
-                                                                     "long_tail_reference"):
+    from debiaslab.data.sources import SPLIT_IMBALANCES
+
+    if cfg.data.train_on != "biased" and cfg.data.imbalance not in SPLIT_IMBALANCES:
         raise ConfigError(f"data.train_on: {cfg.data.train_on} needs a build with a reference "
-                          f"set (data.imbalance: attribute_bias or long_tail_reference), got "
+                          f"set (data.imbalance: {' or '.join(SPLIT_IMBALANCES)}), got "
                           f"{cfg.data.imbalance}")
     if cfg.data.reference_count < 0:
         raise ConfigError(f"data.reference_count: must be >= 0 (0: use data.reference_fraction), "

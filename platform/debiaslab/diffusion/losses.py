@@ -141,8 +141,11 @@ class EDMLoss(DiffusionLoss):
         sigma = level.to(x0.device, x0.dtype)
         view = (-1,) + (1,) * (x0.ndim - 1)
         D_x = model(x0 + sigma.view(view) * noise, sigma, **cond)
-        lam = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
-        return lam * mean_per_sample((D_x.float() - x0) ** 2)
+        return self.loss_weight(sigma) * mean_per_sample((D_x.float() - x0) ** 2)
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1)."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def denoiser(self, model: nn.Module) -> Denoiser:
         precond = model if isinstance(model, EDMPrecond) else EDMPrecond(model, self.sigma_data)

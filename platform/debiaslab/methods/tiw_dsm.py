@@ -195,16 +195,21 @@ def iw_weight(disc: Discriminator, x0: Tensor, *, reference_share: float = 0.0,
         return (alpha * log_ratio(d, reference_share)).exp()
 
 
+def source_logits(net: nn.Module, x_tau: Tensor, tau: Tensor) -> Tensor:
+    """The discriminator network's (biased, reference) logits at VP time tau, read by the
+    network as tau * 999 (§2.2), in float32."""
+    return net(x_tau, tau * TIME_SCALE).float()
+
+
 class TimeDependentDiscriminator(nn.Module):
     """D(x_tau, tau) = P(reference | x_tau) (§2.2): a trained classifier over the data source
     (label 0 = biased, 1 = reference) that reads the continuous VP time as tau * 999. A network
     with one output is read as the reference logit, with two as (biased, reference) logits."""
 
-    def __init__(self, net: nn.Module, time_scale: float = TIME_SCALE,
-                 shape: tuple[int, ...] | None = None, source: str = "") -> None:
+    def __init__(self, net: nn.Module, shape: tuple[int, ...] | None = None,
+                 source: str = "") -> None:
         super().__init__()
         self.net = net
-        self.time_scale = time_scale
         self.shape = tuple(shape) if shape is not None else None  # the images it was trained on
         self.source = source
 
@@ -213,7 +218,7 @@ class TimeDependentDiscriminator(nn.Module):
             raise ConfigError(f"{self.source or 'the discriminator'}: trained on images of shape "
                               f"{list(self.shape)}, the score model's are "
                               f"{list(x_vp.shape[1:])}; train a discriminator on this dataset")
-        logits = self.net(x_vp, tau * self.time_scale).float()
+        logits = source_logits(self.net, x_vp, tau)
         if logits.shape[1] == 1:
             return torch.sigmoid(logits[:, 0])
         if logits.shape[1] != 2:
@@ -352,7 +357,7 @@ class TIWDSMLoss(EDMLoss):
         x = x0 + sigma.view(view) * noise
         t = self.terms(x, sigma, x0)
         D_x = model(x, sigma, **cond)
-        lam = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        lam = self.loss_weight(sigma)
         target = x0 + t.correction
         return t.weight.to(lam.dtype) * lam * mean_per_sample((D_x.float() - target) ** 2)
 
@@ -426,14 +431,15 @@ def discriminator_data(cfg: ExperimentConfig) -> Any:
                           rows=torch.arange(len(labels)))
 
 
-def _balanced_indices(labels: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """``size`` row indices, biased and reference rows alternating (each half drawn uniformly
-    with replacement), so every contiguous even slice of the batch is balanced too."""
+def _balanced_indices(members: tuple[Tensor, Tensor], size: int,
+                      generator: torch.Generator) -> Tensor:
+    """``size`` row indices, biased and reference rows (``members[label]``) alternating, each
+    half drawn uniformly with replacement, so every contiguous even slice of the batch is
+    balanced too."""
     out = torch.empty(size, dtype=torch.long)
-    for label in (0, 1):
-        members = torch.nonzero(labels == label).reshape(-1)
-        pick = torch.randint(0, len(members), (size // 2,), generator=generator)
-        out[label::2] = members[pick]
+    for label, rows in enumerate(members):
+        pick = torch.randint(0, len(rows), (size // 2,), generator=generator)
+        out[label::2] = rows[pick]
     return out
 
 
@@ -453,10 +459,12 @@ def _discriminator_task_class() -> Any:
         def __init__(self, cfg: ExperimentConfig, data: Any) -> None:
             super().__init__(cfg, data)
             self.tiw = cfg.tiw
+            self.members = tuple(torch.nonzero(data.labels == label).reshape(-1)
+                                 for label in range(len(SOURCE_NAMES)))
 
         def make_batch(self, plan: StepBatch) -> dict[str, Tensor]:
             c = self.tiw
-            idx = plan.mine(_balanced_indices(self.data.labels, plan.size,
+            idx = plan.mine(_balanced_indices(self.members, plan.size,
                                               plan.generator(STREAM_ROWS)))
             u = torch.rand(plan.size, generator=plan.generator(STREAM_TIME), dtype=torch.float64)
             tau = sample_tau(u, c.beta_min, c.beta_max, c.t_min).float()
@@ -468,8 +476,8 @@ def _discriminator_task_class() -> Any:
         def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
             c = self.tiw
             x = perturb(batch["x"], batch["tau"], batch["noise"], c.beta_min, c.beta_max)
-            logits = model(x, batch["tau"] * TIME_SCALE)
-            return torch.nn.functional.cross_entropy(logits.float(), batch["label"],
+            logits = source_logits(model, x, batch["tau"])
+            return torch.nn.functional.cross_entropy(logits, batch["label"],
                                                      reduction="none")
 
         def extra_state(self) -> dict[str, Any]:
@@ -511,7 +519,7 @@ def evaluate_discriminator(model: nn.Module, data: Any, tiw: TIWConfig, *, bucke
                 tau[i] = float(edges[b] + u * (edges[b + 1] - edges[b]))
                 noise[i] = torch.randn(data.shape, generator=g)
             x = perturb(data.float_inputs(idx), tau, noise, tiw.beta_min, tiw.beta_max)
-            logits = model(x.to(device), (tau * TIME_SCALE).to(device)).float().cpu()
+            logits = source_logits(model, x.to(device), tau.to(device)).cpu()
             labels = data.labels[idx]
             hits = (logits.argmax(1) == labels).double().numpy()
             losses = torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy()
@@ -553,10 +561,10 @@ def discriminator_trainer(cfg: ExperimentConfig, **kwargs: Any) -> Any:
 def _train_here(cfg: ExperimentConfig, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
     from debiaslab.training.loop import Trainer
 
-    train_rows, _ = _split(cfg)
+    train_rows, val_rows = _split(cfg)
     trainer = Trainer(cfg, _discriminator_task_class()(cfg, train_rows), cfg.run_dir, **kwargs)
     result = trainer.fit()
-    return _validate_checkpoint(cfg, result.checkpoint, cfg.train.device)
+    return _select_checkpoint(cfg, result.checkpoint, cfg.train.device, val_rows)
 
 
 def run_checkpoints(checkpoint: Any) -> list[Any]:
@@ -574,13 +582,19 @@ def run_checkpoints(checkpoint: Any) -> list[Any]:
 
 def _validate_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any
                          ) -> tuple[Any, dict[str, Any]]:
+    """AuxModelKind.validate_checkpoint (after Ray Train): :func:`_select_checkpoint` on the
+    held-out rows of ``cfg``'s split."""
+    return _select_checkpoint(cfg, checkpoint, device, _split(cfg)[1])
+
+
+def _select_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any, val_rows: Any
+                       ) -> tuple[Any, dict[str, Any]]:
     """Validate the run's kept checkpoints on the held-out rows and return the one the score
     model will use (``discriminator.select``) with its evaluation; the evaluation lists every
     candidate's step and validation BCE under ``candidates``."""
     from debiaslab.progress import log
     from debiaslab.training.classifier import load_classifier
 
-    val_rows = _split(cfg)[1]
     candidates = [checkpoint] if cfg.discriminator.select == "last" else run_checkpoints(
         checkpoint) or [checkpoint]
     scored = []

@@ -36,7 +36,6 @@ def build_data(cfg: ExperimentConfig, *, force: bool = False) -> Path:
 RECIPE_KEYS = ("source", "source_options", "imbalance", "imb_factor", "bias_attribute",
                "bias_ratio", "reference_fraction", "reference_count", "seed")
 LONG_TAILS = ("long_tail", "long_tail_reference")  # imbalances that read imb_factor
-SPLITS = ("attribute_bias", "long_tail_reference")  # imbalances that draw a reference set
 
 
 def data_recipe(d: Any) -> dict[str, Any]:
@@ -60,6 +59,8 @@ def check_recipe(folder: Path, built: dict[str, Any], wanted: dict[str, Any]) ->
     """A dataset folder is reused only for the recipe it was built from."""
     import json
 
+    from debiaslab.data.sources import SPLIT_IMBALANCES
+
     def norm(recipe: dict[str, Any]) -> dict[str, Any]:
         out = {k: recipe.get(k) for k in RECIPE_KEYS}
         out["reference_count"] = out["reference_count"] or 0  # absent in earlier manifests
@@ -67,7 +68,7 @@ def check_recipe(folder: Path, built: dict[str, Any], wanted: dict[str, Any]) ->
             out["imb_factor"] = None
         if out["imbalance"] != "attribute_bias":
             out["bias_attribute"] = out["bias_ratio"] = None
-        if out["imbalance"] not in SPLITS:
+        if out["imbalance"] not in SPLIT_IMBALANCES:
             out["reference_fraction"] = out["reference_count"] = None
         elif out["reference_count"]:
             out["reference_fraction"] = None  # the count decides the size
