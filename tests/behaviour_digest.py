@@ -34,8 +34,10 @@ FAKE_HASH = "0" * 64
 LATER_SECTIONS = ("tiw", "discriminator")  # sections of methods added after the digest
 # config keys added after the digest was written, left out of the config hash at their default
 # value; the data stage's key does include data.reference_count and data.train_on, so its stored
-# keys were recomputed when each was added (issue 19), and only the ``:data`` entries changed
-LATER_KEYS = {"data.reference_count": 0, "data.train_on": "biased"}
+# keys were recomputed when each was added (issue 19), and only the ``:data`` entries changed;
+# likewise the evaluate stage's key holds metrics.subgroup_classifier: only ``:evaluate`` changed
+LATER_KEYS = {"data.reference_count": 0, "data.train_on": "biased",
+              "metrics.subgroup_classifier": ""}
 
 
 def _sha(obj) -> str:

@@ -183,7 +183,10 @@ def test_bias_statistic_places_real_sets_where_they_belong(tmp_path, setting):
     assert out["biased"]["bias/tv_biased"] < 0.25 * gap
     assert out["reference"]["bias/tv_biased"] > 0.75 * gap
     assert meta["bias_statistic"]["by"] == subgroup_of(cfg)
-    assert (cfg.run_dir / "eval" / "subgroups_biased.png").stat().st_size > 0
+    bars = meta["figures"]["subgroups"].axes[0].patches  # biased, reference, samples per group
+    shares = meta["bias_statistic"]
+    assert [round(b.get_height(), 6) for b in bars] == [
+        round(v, 6) for n in ("biased", "reference", "samples") for v in shares[n]]
     assert total_variation([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4)
 
 
@@ -211,3 +214,129 @@ def test_validation_is_class_balanced(tmp_path):
     loss_ref = -math.log(math.exp(0) / (math.exp(3) + math.exp(0)))
     loss_bias = -math.log(math.exp(3) / (math.exp(3) + math.exp(0)))
     assert ev["loss_mean"] == pytest.approx((loss_ref + loss_bias) / 2)
+
+
+def test_baseline_recipe_logs_the_bias_statistic_and_its_plot_to_mlflow(tmp_path):
+    """DSM(obs) through the tiw_baseline recipe: no discriminator stage, the score model on
+    D_obs, and the evaluate stage's MLflow child run holds the bias statistic and its plot."""
+    from debiaslab.tracking import find_runs, resolve_tracking_uri
+
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path}", "recipe=tiw_baseline",
+                                     "diffusion.loss=edm", "data.train_on=observed",
+                                     "tracking.enabled=true", "tracking.experiment=tiwbase",
+                                     "name=dsm_obs"])
+    assert [s.name for s in get_recipe(cfg).stages] == ["data", "train", "sample", "evaluate"]
+    result = run_experiment(cfg, progress=False)
+    assert {"eval/bias/tv_reference", "eval/bias/tv_biased"} <= set(result.metrics)
+    runs = find_runs(resolve_tracking_uri(cfg.output_dir), experiments=["tiwbase"],
+                     statuses=())
+    (evaluate,) = [r for r in runs if r.name.endswith("evaluate")]
+    assert "eval/edm_heun/bias/tv_reference" in evaluate.metrics
+    from mlflow import MlflowClient
+
+    client = MlflowClient(resolve_tracking_uri(cfg.output_dir))
+    logged = {f.path for f in client.list_artifacts(evaluate.run_id, "eval")}
+    assert "eval/subgroups_edm_heun.png" in logged
+    with pytest.raises(ConfigError, match="recipe tiw_baseline: diffusion.loss: tiw_dsm needs "
+                                          "the discriminator stage"):
+        get_recipe(load_config(None, SMALL + [f"output_dir={tmp_path}",
+                                              "recipe=tiw_baseline"]))
+
+
+def test_alpha_sweep_trains_on_ray_train_with_the_base_runs_discriminator(shared_ray,
+                                                                           tmp_path):
+    """A training sweep over tiw.alpha: each trial's score model is trained by Ray Train with
+    the base run's discriminator bound into its config, and reports the bias statistic. A sweep
+    over what makes the discriminator is refused before any trial."""
+    import yaml
+
+    from debiaslab.cli import main
+    from debiaslab.experiment import run_sweep
+    from debiaslab.tracking import find_runs, resolve_tracking_uri
+
+    base = load_config(None, SMALL + [f"output_dir={tmp_path}", "tracking.enabled=true",
+                                      "tracking.experiment=tiwsweep",
+                                      "distributed.num_workers=1"])
+    run_experiment(base, progress=False)
+    experiment = base.run_dir / "config.yaml"  # the run's own full config
+    disc = read_record(base, get_recipe(base).stage("discriminator"))["outputs"]["discriminator"]
+    sweep = {"name": "alpha", "experiment": str(experiment), "kind": "training",
+             "params": {"tiw.alpha": {"type": "float", "low": 0.0, "high": 2.0}},
+             "objective": {"metric": "eval/fid", "mode": "min"},
+             "second_objective": {"metric": "eval/bias/tv_reference", "mode": "min"},
+             "num_trials": 1, "cpus_per_trial": 0.5}
+    path = tmp_path / "alpha.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    run_sweep(path, progress=False)
+    (trial,) = find_runs(resolve_tracking_uri(base.output_dir), experiments=["tiwsweep"],
+                         tags={"debiaslab.sweep": "alpha", "debiaslab.kind": "trial"},
+                         statuses=())
+    assert trial.status == "FINISHED"
+    assert {"train/loss", "eval/fid", "eval/bias/tv_reference"} <= set(trial.metrics)
+    ckpts = sorted((tmp_path / "ray_results" / trial.name).rglob("*.pt"))
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    assert state["config"]["inputs"]["discriminator"] == {"path": disc["path"],
+                                                          "hash": disc["hash"]}
+    assert state["config"]["tiw"]["alpha"] == pytest.approx(float(trial.params["sweep.tiw.alpha"]))
+
+    sweep["params"] = {"tiw.beta_max": {"type": "float", "low": 10.0, "high": 20.0}}
+    path.write_text(yaml.safe_dump(sweep))
+    with pytest.raises(ConfigError, match=r"params.tiw.beta_max: it defines the discriminator "
+                                          r"stage \(tiw.beta_max\), which training trials reuse"):
+        main(["--debug", "sweep", "-c", str(path), "--dry-run"])
+
+
+def test_a_subgroup_classifier_replaces_the_extractors_predictions(tmp_path):
+    """metrics.subgroup_classifier: a classifier of the subgroup_classifier recipe (clean
+    images, label class) decides the samples' subgroups; one for another label is refused, and
+    an extractor that predicts no subgroup without one is refused before anything runs."""
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.methods.tiw_dsm import bias_evaluation, classify_subgroups, shares
+    from debiaslab.metrics.evaluate import SampleSet
+    from debiaslab.metrics.features import build_extractor
+
+    common = SMALL + [f"output_dir={tmp_path}", "classifier.timestep_range=[0,0]",
+                      "classifier.train.steps=4", "classifier.train.batch_size=16",
+                      "classifier.train.checkpoint_every=4", "classifier.val_buckets=1",
+                      "classifier.model.model_channels=16", "classifier.model.channel_mult=[1,2]"]
+    trainer = load_config(None, common + ["recipe=subgroup_classifier", "name=groups"])
+    assert [s.name for s in get_recipe(trainer).stages] == ["data", "classifier"]
+    run_experiment(trainer, progress=False)
+    folder = str(tmp_path / "runs" / "groups.classifier")
+    cfg = load_config(None, common + [f"metrics.subgroup_classifier={folder}"])
+    images = ImageDataset.load(cfg.dataset_path / "reference").images.numpy()
+    predicted, provenance = classify_subgroups(folder, images, "class", 10)
+    assert predicted.shape == (50,) and len(provenance["hash"]) == 64
+    samples = SampleSet(images=images, labels=None, source=str(tmp_path / "ref"))
+    metrics, meta = bias_evaluation(cfg, samples, build_extractor("digits"), {})
+    assert meta["bias_statistic"]["predictor"] == "metrics.subgroup_classifier"
+    assert [metrics[f"bias/share_{i}"] for i in range(10)] == shares(predicted, 10).tolist()
+    with pytest.raises(ConfigError, match=r"predicts class \(10 classes\); the bias statistic "
+                                          r"counts attr:bold \(2 groups\)"):
+        classify_subgroups(folder, images, "attr:bold", 2)
+    with pytest.raises(ConfigError, match="metrics.extractor=inception: does not predict the "
+                                          "bias statistic's subgroup"):
+        get_recipe(load_config(None, SMALL + [f"output_dir={tmp_path}",
+                                              "metrics.extractor=inception"]))
+
+
+@pytest.mark.parametrize(("name", "reference", "mimg"), [("cifar10_lt_tiw_5", 500, 11),
+                                                          ("cifar10_lt_tiw_10", 1000, 21)])
+def test_the_cifar_gpu_recipes_hold_the_released_settings(name, reference, mimg):
+    """The CIFAR-10-LT GPU configs (each also passes `debiaslab run --dry-run` in
+    test_config): batch 256, lr 1e-3, EDM augmentation, 11 or 21 Mimg, a 20k-step discriminator
+    whose checkpoint is chosen by validation BCE, EDM Heun with 18 steps."""
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "experiments"
+                      / f"{name}.yaml")
+    assert cfg.recipe == "tiw_dsm" and cfg.diffusion.loss == "tiw_dsm"
+    assert (cfg.data.imbalance, cfg.data.imb_factor, cfg.data.reference_count) == \
+        ("long_tail_reference", 0.01, reference)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.data.augment) == (256, 1e-3, "ada")
+    assert cfg.train.steps * cfg.train.batch_size == pytest.approx(mimg * 1e6, rel=1e-4)
+    d = cfg.sections["discriminator"]
+    assert (d.train.steps, d.select, d.train.checkpoint_every) == (20000, "val_bce", 500)
+    assert d.train.keep_checkpoints * d.train.checkpoint_every >= d.train.steps
+    assert (cfg.sample.samplers, cfg.sample.steps) == (("edm_heun",), 18)
+    assert cfg.metrics.subgroup_classifier  # the bias statistic's CIFAR-10 classifier

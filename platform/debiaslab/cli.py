@@ -235,6 +235,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from debiaslab.sweeps import load_sweep
 
         sweep = load_sweep(args.config, args.overrides)
+        if sweep.kind == "training" and sweep.base is not None:
+            from debiaslab.experiment import check_training_sweep
+
+            check_training_sweep(sweep.base, list(sweep.specs))
         print(f"sweep {sweep.name}: {sweep.kind} trials x {sweep.num_trials} over "
               f"{', '.join(sweep.specs)} of {sweep.experiment}; objective "
               + ", ".join(f"{o.metric} ({o.mode})" for o in sweep.objectives))

@@ -8,6 +8,7 @@ from typing import Any
 
 from debiaslab.config import ExperimentConfig
 from debiaslab.data.locate import train_data_path
+from debiaslab.errors import ConfigError
 from debiaslab.stages.common import StageResult
 from debiaslab.stages.evaluate import build_metric_extractor, evaluate_samples, reference_path
 from debiaslab.stages.sample import sample
@@ -61,6 +62,55 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, stages: Any 
     return result
 
 
+def reused_stages(cfg: ExperimentConfig) -> list[Any]:
+    """The stages before ``train`` whose outputs the train stage reads besides the dataset
+    (e.g. TIW-DSM's discriminator): a training trial reuses them from the base run."""
+    from debiaslab.recipes import get_recipe
+
+    stages = list(get_recipe(cfg).stages)
+    names = [s.name for s in stages]
+    if "train" not in names:
+        return []
+    train_stage = stages[names.index("train")]
+    wanted = set(train_stage.inputs) - {"dataset"}
+    return [s for s in stages[:names.index("train")] if wanted & set(s.outputs)]
+
+
+def check_training_sweep(base: ExperimentConfig, params: list[str]) -> None:
+    """A training sweep may not vary what a reused earlier stage is made from: its trials
+    would train against the base run's output made with other values."""
+    for stage in reused_stages(base):
+        for param in params:
+            for key in stage.key_names():
+                if param == key or (key.endswith(".") and param.startswith(key)):
+                    raise ConfigError(
+                        f"params.{param}: it defines the {stage.name} stage ({key}), which "
+                        f"training trials reuse from the base run; sweep it with separate "
+                        f"experiments (debiaslab run --set {param}=...)")
+
+
+def train_inputs(base: ExperimentConfig, params: list[str]) -> dict[str, dict[str, str]]:
+    """What a training trial's train stage reads from the base run's earlier stages, bound as
+    the recipe binds them (``cfg.inputs``), each re-hashed from its file now. Refuses a base
+    run that has not produced them yet."""
+    from debiaslab.recipes import get_recipe, make_artifact, recorded_outputs
+
+    check_training_sweep(base, params)
+    stages = list(get_recipe(base).stages)
+    train_stage = next(s for s in stages if s.name == "train")
+    recorded = recorded_outputs(base)
+    out = {}
+    for name, kind in train_stage.inputs.items():
+        if name == "dataset":
+            continue
+        if name not in recorded:
+            raise ConfigError(f"experiment {base.name}: its {name} is not built yet; run the "
+                              f"base experiment first (debiaslab run -c <its config>)")
+        artifact = make_artifact(kind, recorded[name])
+        out[name] = {"path": artifact.path, "hash": artifact.hash}
+    return out
+
+
 def trial_ops() -> Any:
     """The stage functions Tune trials run (handed to distributed.sweep, which never imports
     this module)."""
@@ -69,7 +119,7 @@ def trial_ops() -> Any:
 
     return TrialOps(train=train, sample=sample, evaluate_samples=evaluate_samples,
                     build_metric_extractor=build_metric_extractor, reference_path=reference_path,
-                    recorded_outputs=recorded_outputs)
+                    recorded_outputs=recorded_outputs, train_inputs=train_inputs)
 
 
 def run_sweep(sweep_file: str | Path, overrides: list[str] | None = None, *,

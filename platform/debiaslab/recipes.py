@@ -128,7 +128,9 @@ class Recipe:
     check: Callable[[ExperimentConfig], None] | None = None  # extra config rules of the method
     # extra metrics of the method, computed wherever samples are evaluated (evaluate stage,
     # `debiaslab evaluate`, sweep trials): (cfg, SampleSet, extractor, {artifact: path} of the
-    # run's recorded stage outputs) -> (metrics, provenance for the evaluation's meta)
+    # run's recorded stage outputs) -> (metrics, provenance for the evaluation's meta, whose
+    # optional "figures": {name: Figure} are saved as <name>_<samples>.png beside the
+    # evaluation and logged with it)
     evaluation: Callable[..., tuple[dict[str, float], dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:

@@ -151,6 +151,10 @@ class MetricsConfig:
     extractor: str = "digits"
     inception_weights: str = ""
     reference: str = ""  # dataset folder; default: the source's full balanced set
+    # a classifier checkpoint (file or run folder of `debiaslab classifier`) whose label is the
+    # subgroup a method's bias statistic counts ("class" or "attr:<name>"), applied to clean
+    # samples at t = 0; "" = the extractor's own predictions (the digits extractor's)
+    subgroup_classifier: str = ""
     k: int = 5
     lof_k: int = 20
     head_fraction: float = 0.5

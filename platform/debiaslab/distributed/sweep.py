@@ -64,6 +64,9 @@ class TrialOps:
     recorded_outputs: Any = None  # (cfg) -> {artifact: path} the run's recipe recorded
     # the base run's recorded artifacts, which every trial's evaluation reads (run_sweep)
     inputs: dict[str, str] = field(default_factory=dict)
+    # (base cfg, swept paths) -> {name: {path, hash}}: what a training trial's train stage reads
+    # from the base run's earlier stages (e.g. TIW-DSM's discriminator), bound into its config
+    train_inputs: Any = None
 
 
 def param_space(sweep: SweepConfig) -> dict[str, Any]:
@@ -202,6 +205,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     cfg = absolute_paths(trial_config(sweep, dict(config), name))
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(
         cfg.tracking, run_name=name, group=name))
+    if sweep.kind == "training" and ctx.get("train_inputs"):  # the base run's, as it bound them
+        cfg = dataclasses.replace(cfg, inputs=dict(ctx["train_inputs"]))
     trial_dir = cfg.run_dir
     trial_dir.mkdir(parents=True, exist_ok=True)
     with open(trial_dir / ATTEMPTS_FILE, "a", encoding="utf-8") as fh:  # one line per attempt
@@ -294,6 +299,9 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
     checkpoint = _sampling_checkpoint(sweep, ops.inputs) if sweep.kind == "sampling" else ""
     base = sweep.base
     assert base is not None
+    bound: dict[str, Any] = {}
+    if sweep.kind == "training" and ops.train_inputs is not None:
+        bound = ops.train_inputs(base, list(sweep.specs))
     models = guidance_models(base)
     import ray
 
@@ -304,15 +312,15 @@ def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = 
         started = True
     try:
         return _tune(sweep, str(Path(sweep_file).resolve()), list(overrides or []), checkpoint,
-                     progress, ops, models)
+                     progress, ops, models, bound)
     finally:
         if started:
             shutdown_ray()
 
 
 def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint: str,
-          progress: bool, ops: TrialOps, models: dict[str, str] | None = None
-          ) -> SweepResult:
+          progress: bool, ops: TrialOps, models: dict[str, str] | None = None,
+          train_inputs: dict[str, Any] | None = None) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -345,7 +353,7 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                "sweep_name": sweep.name, "tracking_uri": tracking_uri,
                "experiment": experiment, "output_dir": str(Path(base.output_dir).resolve()),
                "parent_run_id": parent.run_id, "checkpoint": checkpoint, "ops": ops,
-               "models": dict(models or {})}
+               "models": dict(models or {}), "train_inputs": dict(train_inputs or {})}
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": sweep.cpus_per_trial,
                                          "gpu": sweep.gpus_per_trial})

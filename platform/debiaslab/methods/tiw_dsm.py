@@ -34,6 +34,7 @@ from debiaslab.methods.api import (
     Recipe,
     aux_model_stage,
     diffusion_stages,
+    make_artifact,
     register_recipe,
     register_section,
 )
@@ -634,6 +635,39 @@ def total_variation(p: np.ndarray, q: np.ndarray) -> float:
     return float(np.abs(np.asarray(p) - np.asarray(q)).sum() / 2)
 
 
+def classify_subgroups(path: str, images: np.ndarray, by: str, num_groups: int
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+    """The subgroup of each sample by ``metrics.subgroup_classifier``: a classifier trained by
+    the classifier stage with label ``by``, on clean images (t = 0). Returns the predictions and
+    the classifier's provenance (path, step, file hash)."""
+    from debiaslab.data.pixels import from_uint8
+    from debiaslab.training.classifier import load_classifier
+    from debiaslab.training.classifier_data import INPUT_IMAGES
+
+    net, info = load_classifier(path)
+    where = f"metrics.subgroup_classifier={path}"
+    if info["input"] != INPUT_IMAGES:
+        raise ConfigError(f"{where}: a head on feature-table rows; the bias statistic needs a "
+                          f"classifier of images")
+    if info["label"] != by or int(info["num_outputs"]) != num_groups:
+        raise ConfigError(f"{where}: predicts {info['label']} ({info['num_outputs']} classes); "
+                          f"the bias statistic counts {by} ({num_groups} groups)")
+    if list(info["shape"]) != list(images.shape[1:]):
+        raise ConfigError(f"{where}: trained on images of shape {list(info['shape'])}, the "
+                          f"samples are {list(images.shape[1:])}")
+    device = next(net.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), 256):
+            x = from_uint8(torch.from_numpy(np.ascontiguousarray(images[start:start + 256])))
+            t = torch.zeros(len(x), dtype=torch.long, device=device)
+            logits = net(x.to(device), t) if info["time_input"] else net(x.to(device))
+            out.append(logits.argmax(1).cpu().numpy())
+    checkpoint = info["checkpoint"]
+    return np.concatenate(out), {"path": checkpoint, "step": info["step"],
+                                 "hash": make_artifact("checkpoint", checkpoint).hash}
+
+
 def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
                     inputs: dict[str, str]) -> tuple[dict[str, float], dict[str, Any]]:
     """Recipe.evaluation, the bias statistic: the samples' subgroup proportions (class or the bias
@@ -641,34 +675,38 @@ def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
     biased set's (their stored labels). Metrics: ``bias/tv_reference`` and ``bias/tv_biased``
     (total variation; the debiased model should be nearer the reference), ``bias/fd_reference``
     (L2, the fairness discrepancy against the reference) and each subgroup's sample share.
-    Writes the side-by-side plot ``eval/subgroups_<sample set>.png``."""
+    Returns the side-by-side plot as the figure ``subgroups`` (saved beside the evaluation as
+    ``subgroups_<sample set>.png`` and logged with it)."""
     from pathlib import Path
 
     from debiaslab.data.dataset import ImageDataset
     from debiaslab.data.sources import BIASED_NAME, REFERENCE_NAME
-    from debiaslab.report import save_figure, shares_figure
+    from debiaslab.report import shares_figure
 
     by = subgroup_of(cfg)
-    ext = extractor.extract(samples.images, batch_size=cfg.metrics.batch_size)
     sets = {name: ImageDataset.load(cfg.dataset_path / name)
             for name in (BIASED_NAME, REFERENCE_NAME)}
     if by == "class":
-        if ext.classes is None:
-            raise ConfigError(f"metrics.extractor={cfg.metrics.extractor}: the bias statistic "
-                              f"needs an extractor that predicts classes (e.g. digits)")
         names = list(sets[BIASED_NAME].class_names)
-        predicted = ext.classes
         truth = {k: d.labels.numpy() for k, d in sets.items()}
     else:
         attribute = by.split(":", 1)[1]
-        if ext.attributes is None or attribute not in extractor.attr_names:
-            raise ConfigError(f"metrics.extractor={cfg.metrics.extractor}: the bias statistic "
-                              f"needs an extractor that predicts attribute {attribute!r}")
         names = [f"{attribute}=0", f"{attribute}=1"]
-        predicted = ext.attributes[:, list(extractor.attr_names).index(attribute)]
         column = list(sets[BIASED_NAME].attr_names).index(attribute)
         truth = {k: d.attributes.numpy()[:, column] for k, d in sets.items()}
     k = len(names)
+    provenance: dict[str, Any] = {"predictor": f"extractor {cfg.metrics.extractor}"}
+    if cfg.metrics.subgroup_classifier:
+        predicted, provenance["classifier"] = classify_subgroups(
+            cfg.metrics.subgroup_classifier, samples.images, by, k)
+        provenance["predictor"] = "metrics.subgroup_classifier"
+    else:
+        check_subgroup_predictor(cfg)
+        ext = extractor.extract(samples.images, batch_size=cfg.metrics.batch_size)
+        if by == "class":
+            predicted = ext.classes
+        else:
+            predicted = ext.attributes[:, list(extractor.attr_names).index(by.split(":", 1)[1])]
     p = {"samples": shares(predicted, k), "reference": shares(truth[REFERENCE_NAME], k),
          "biased": shares(truth[BIASED_NAME], k)}
     metrics = {"bias/tv_reference": total_variation(p["samples"], p["reference"]),
@@ -676,17 +714,32 @@ def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
                "bias/fd_reference": float(np.linalg.norm(p["samples"] - p["reference"]))}
     metrics.update({f"bias/share_{name}": float(v) for name, v in zip(names, p["samples"])})
     label = Path(samples.source).name
-    save_figure(shares_figure({n: p[n] for n in ("biased", "reference", "samples")}, names,
-                              title=f"{cfg.name} / {label}: subgroup shares", xlabel=by),
-                cfg.run_dir / "eval" / f"subgroups_{label}.png")
-    meta = {"bias_statistic": {"by": by, "names": names,
+    figure = shares_figure({n: p[n] for n in ("biased", "reference", "samples")}, names,
+                           title=f"{cfg.name} / {label}: subgroup shares", xlabel=by)
+    meta = {"bias_statistic": {"by": by, "names": names, **provenance,
                                **{n: v.tolist() for n, v in p.items()},
                                "tv_reference_vs_biased": total_variation(p["reference"],
-                                                                         p["biased"])}}
+                                                                         p["biased"])},
+            "figures": {"subgroups": figure}}
     return metrics, meta
 
 
 # ------------------------------------------------------------------------------ recipe
+
+def check_subgroup_predictor(cfg: ExperimentConfig) -> None:
+    """Something must tell the samples' subgroups apart: metrics.subgroup_classifier, or an
+    extractor that predicts the class (or the bias attribute). Checked before any training."""
+    from debiaslab.metrics.features import PREDICTIONS, register_builtin_extractors
+
+    if cfg.metrics.subgroup_classifier:
+        return
+    by = subgroup_of(cfg)
+    register_builtin_extractors()  # the extractors' modules say what they predict when imported
+    if by not in PREDICTIONS.get(cfg.metrics.extractor, ()):
+        raise ConfigError(f"metrics.extractor={cfg.metrics.extractor}: does not predict the "
+                          f"bias statistic's subgroup ({by}); set metrics.subgroup_classifier "
+                          f"to a classifier trained on it (debiaslab classifier, label {by})")
+
 
 def check_recipe(cfg: ExperimentConfig) -> None:
     """The TIW recipe's own rules: a TIW loss, a reference build, and the biased or observed set
@@ -699,10 +752,24 @@ def check_recipe(cfg: ExperimentConfig) -> None:
     if cfg.data.imbalance not in SPLIT_IMBALANCES:
         raise ConfigError(f"recipe tiw_dsm: needs a reference set, data.imbalance: one of "
                           f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance!r}")
+    check_subgroup_predictor(cfg)
     if cfg.data.train_on == "reference":
         raise ConfigError("recipe tiw_dsm: data.train_on: reference trains on the unbiased set "
-                          "alone (the DSM(ref) baseline); use recipe diffusion with "
+                          "alone (the DSM(ref) baseline); use recipe tiw_baseline with "
                           "diffusion.loss: edm for it, or data.train_on: biased or observed")
+
+
+def check_baseline(cfg: ExperimentConfig) -> None:
+    """The baselines' rules: a reference build, and a loss without a discriminator."""
+    from debiaslab.data.sources import SPLIT_IMBALANCES
+
+    if cfg.diffusion.loss in TIW_LOSSES:
+        raise ConfigError(f"recipe tiw_baseline: diffusion.loss: {cfg.diffusion.loss} needs the "
+                          f"discriminator stage; use recipe tiw_dsm for it")
+    if cfg.data.imbalance not in SPLIT_IMBALANCES:
+        raise ConfigError(f"recipe tiw_baseline: needs a reference set, data.imbalance: one of "
+                          f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance!r}")
+    check_subgroup_predictor(cfg)
 
 
 register_recipe(Recipe(
@@ -716,3 +783,19 @@ register_recipe(Recipe(
     description="TIW-DSM (Kim et al. 2024): a time-dependent discriminator, then the score "
                 "model with its importance-reweighted, score-corrected loss",
     check=check_recipe, evaluation=bias_evaluation))
+
+
+register_recipe(Recipe(
+    "tiw_baseline", diffusion_stages(),
+    description="TIW-DSM's baselines, DSM(obs) and DSM(ref): the score model without a "
+                "discriminator on a reference build (data.train_on), with the bias statistic",
+    check=check_baseline, evaluation=bias_evaluation))
+
+
+register_recipe(Recipe(
+    "subgroup_classifier",
+    (diffusion_stages()[0],  # the data stage
+     aux_model_stage("classifier", description="train the classifier of cfg.classifier")),
+    description="the bias statistic's evaluation classifier (metrics.subgroup_classifier): "
+                "cfg.classifier on the configured data, e.g. clean images (timestep_range "
+                "[0, 0]) labelled by class"))

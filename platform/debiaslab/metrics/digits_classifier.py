@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from debiaslab.checkpoints import save_checkpoint
-from debiaslab.data.digits import DIGITS_SIZE, load_digits_arrays
+from debiaslab.data.digits import DIGITS_ATTR_NAMES, DIGITS_SIZE, load_digits_arrays
 from debiaslab.data.pixels import from_uint8
 from debiaslab.data.schema import ImageArrays, one_line
 from debiaslab.metrics.features import (
     EXTRACTORS,
+    PREDICTIONS,
     FeatureExtractor,
     default_device,
 )
@@ -269,6 +270,9 @@ class DigitsExtractor(FeatureExtractor):
             "classes": class_logits.argmax(1),
             "attributes": (attr_logits > ATTR_LOGIT_THRESHOLD).to(torch.int8),
         }
+
+
+PREDICTIONS["digits"] = ("class", *(f"attr:{name}" for name in DIGITS_ATTR_NAMES))
 
 
 @EXTRACTORS.register("digits")

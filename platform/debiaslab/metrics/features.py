@@ -25,6 +25,9 @@ IMAGE_NDIM = 4  # [N, C, H, W]
 BUILTIN_EXTRACTOR_MODULES = ("debiaslab.metrics.inception", "debiaslab.metrics.digits_classifier")
 
 EXTRACTORS: Registry[Any] = Registry("feature extractor")
+# What each registered extractor's extract() predicts besides features, known without building
+# it (config checks): "class" and "attr:<name>" (the digits extractor registers its own).
+PREDICTIONS: dict[str, tuple[str, ...]] = {}
 
 
 @dataclass

@@ -100,11 +100,12 @@ def evaluate_samples(cfg: ExperimentConfig, samples: Any, *, extractor: Any = No
                   head_fraction=m.head_fraction, class_counts=class_counts,
                   bootstrap=m.bootstrap, kid_subset_size=m.kid_subset_size,
                   batch_size=m.batch_size, seed=m.seed, progress=progress)
-    recipe_evaluation(cfg, samples, extractor, ev, inputs)
+    own_figures = recipe_evaluation(cfg, samples, extractor, ev, inputs)
     out = Path(out_dir) if out_dir else cfg.run_dir / "eval"
     json_path = save_evaluation(ev, out / f"eval_{name}.json")
     figures = {}
-    for fig_name, fig in evaluation_figures(ev, title=f"{cfg.name} / {name}").items():
+    for fig_name, fig in {**evaluation_figures(ev, title=f"{cfg.name} / {name}"),
+                          **own_figures}.items():
         figures[fig_name] = save_figure(fig, out / f"{fig_name}_{name}.png")
     if tracker is not None:
         tracker.log_artifact(json_path, "eval")
@@ -119,19 +120,24 @@ def evaluate_samples(cfg: ExperimentConfig, samples: Any, *, extractor: Any = No
 
 
 def recipe_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any, ev: Any,
-                      inputs: Any = None) -> None:
-    """Add the recipe's own metrics and their provenance to ``ev`` (no-op for recipes without)."""
+                      inputs: Any = None) -> dict[str, Any]:
+    """Add the recipe's own metrics and their provenance to ``ev`` (no-op for recipes without);
+    returns the figures it made ({name: Figure}, the meta's ``figures``), which the caller saves
+    beside the evaluation and logs with it."""
     from debiaslab.recipes import RECIPES, recorded_outputs
 
     recipe = RECIPES.get(cfg.recipe)
     if recipe.evaluation is None:
-        return
+        return {}
     if inputs is None:
         inputs = recorded_outputs(cfg)
     paths = {k: str(getattr(v, "path", v)) for k, v in dict(inputs).items()}
     metrics, meta = recipe.evaluation(cfg, samples, extractor, paths)
+    meta = dict(meta)
+    figures = dict(meta.pop("figures", {}))
     ev.metrics.update(metrics)
     ev.meta.update(meta)
+    return figures
 
 
 KID_MIN_SAMPLES = 50  # below it the table shows no KID: its estimate is mostly variance

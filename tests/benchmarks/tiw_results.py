@@ -1,0 +1,181 @@
+"""TIW-DSM on digits: the baselines, both loss forms and the ablations, over training seeds.
+
+  .venv/bin/python tests/benchmarks/tiw_results.py --setting long_tail --output-dir OUT \\
+      [--seeds 0 1 2] [--methods ...] [--processes 2]
+
+Settings (the data build; everything else is the shipped digits TIW configs):
+  long_tail       digits-LT (rho 0.1) and a 50-image class-balanced reference
+                  (configs/experiments/digits_lt_*.yaml as shipped);
+  attribute_bias  90/10 on the derived attribute `bold` and a 64-image reference balanced over it
+                  (the same configs with the data section overridden, names digits_bold_*).
+
+Methods: dsm_obs, dsm_ref, iw_dsm, tiw_paper, tiw_code, w_only (no correction), c_only (no
+weight). Every (method, seed) is one experiment run by the recipe (finished stages are skipped,
+so an interrupted run continues), `--processes` of them side by side, one torch thread each.
+
+Prints a markdown table of mean ± 95% t half-width over the seeds (FID against all digits,
+precision, recall, the bias statistic's TV to the reference and to the biased shares, and the
+minority share: the summed sample share of the subgroups rarer in the biased set than in the
+reference), and writes OUT/tiw_<setting>.png: FID against TV to the reference, one point per
+method with both intervals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from debiaslab import plugins
+from debiaslab.compare import Summary
+from debiaslab.data.dataset import ImageDataset
+from debiaslab.data.sources import BIASED_NAME, REFERENCE_NAME
+from debiaslab.experiment import seed_configs
+from debiaslab.quickstart import run_experiments
+from debiaslab.records import RECORD_DIR
+
+plugins.load()  # the methods register their sections, recipes and losses, as the CLI does
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPERIMENTS = ROOT / "configs/experiments"
+
+# method -> (shipped config, overrides, label in the table)
+METHODS = {
+    "dsm_obs": ("digits_lt_dsm_obs.yaml", [], "DSM(obs)"),
+    "dsm_ref": ("digits_lt_dsm_ref.yaml", [], "DSM(ref)"),
+    "iw_dsm": ("digits_lt_iw_dsm.yaml", [], "IW-DSM"),
+    "tiw_paper": ("digits_lt_tiw.yaml", [], "TIW-DSM, paper form"),
+    # the released formulas (weight 2D) need a mixture of both sets: D_obs, untiled here
+    "tiw_code": ("digits_lt_tiw.yaml", ["tiw.form=code", "data.train_on=observed"],
+                 "TIW-DSM, code form (D_obs)"),
+    "w_only": ("digits_lt_tiw.yaml", ["tiw.correction=false"], "W-only (paper form)"),
+    "c_only": ("digits_lt_tiw.yaml", ["tiw.weight=false"], "C-only (paper form)"),
+}
+SETTINGS = {
+    "long_tail": ("digits_lt", []),
+    "attribute_bias": ("digits_bold", ["data.imbalance=attribute_bias",
+                                       "data.bias_attribute=bold", "data.bias_ratio=0.9",
+                                       "data.reference_count=64"]),
+}
+METRICS = (("eval/fid", "FID ↓"), ("eval/precision", "precision ↑"),
+           ("eval/recall", "recall ↑"), ("eval/bias/tv_reference", "TV to reference ↓"),
+           ("eval/bias/tv_biased", "TV to biased"), ("minority_share", "minority share"))
+
+
+def configs(setting: str, methods: list[str], seeds: list[int], output_dir: Path) -> dict:
+    """{(method, seed): config}, seeds outer so that every method's first seed finishes first."""
+    prefix, data = SETTINGS[setting]
+    out = {}
+    for method in methods:
+        file, extra, _ = METHODS[method]
+        name = f"{prefix}_{method}"
+        overrides = [f"output_dir={output_dir}", "distributed.backend=local", *data, *extra,
+                     f"name={name}", f"tracking.experiment=tiw-digits-{setting}"]
+        for seed, cfg in zip(seeds, seed_configs(str(EXPERIMENTS / file), overrides, seeds)):
+            out[(method, seed)] = cfg
+    return dict(sorted(out.items(), key=lambda item: (item[0][1], methods.index(item[0][0]))))
+
+
+def evaluation(cfg) -> dict[str, float]:
+    """The evaluate stage's recorded metrics, plus the minority share."""
+    record = json.loads((cfg.run_dir / RECORD_DIR / "evaluate.json").read_text())
+    metrics = dict(record["metrics"])
+    sets = {n: ImageDataset.load(cfg.dataset_path / n) for n in (BIASED_NAME, REFERENCE_NAME)}
+    if cfg.data.imbalance == "attribute_bias":
+        column = list(sets[BIASED_NAME].attr_names).index(cfg.data.bias_attribute)
+        names = [f"{cfg.data.bias_attribute}=0", f"{cfg.data.bias_attribute}=1"]
+        truth = {k: d.attributes.numpy()[:, column] for k, d in sets.items()}
+    else:
+        names = [str(i) for i in range(len(sets[BIASED_NAME].class_names))]
+        truth = {k: d.labels.numpy() for k, d in sets.items()}
+    k = len(names)
+    share = {n: np.bincount(v, minlength=k) / len(v) for n, v in truth.items()}
+    rarer = [g for g in range(k) if share[BIASED_NAME][g] < share[REFERENCE_NAME][g]]
+    metrics["minority_share"] = sum(metrics[f"eval/bias/share_{names[g]}"] for g in rarer)
+    metrics["minority_groups"] = [names[g] for g in rarer]
+    metrics["minority_share_reference"] = float(sum(share[REFERENCE_NAME][g] for g in rarer))
+    metrics["minority_share_biased"] = float(sum(share[BIASED_NAME][g] for g in rarer))
+    return metrics
+
+
+def cell(s: Summary) -> str:
+    decimals = 1 if abs(s.mean) >= 10 else 3
+    if s.n < 2 or not math.isfinite(s.half_width):
+        return f"{s.mean:.{decimals}f}"
+    return f"{s.mean:.{decimals}f} ± {s.half_width:.{decimals}f}"
+
+
+def plot(summaries: dict, setting: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for method, s in summaries.items():
+        fid, tv = s["eval/fid"], s["eval/bias/tv_reference"]
+        err = [[h if math.isfinite(h) else 0.0] for h in (fid.half_width,)]
+        yerr = [[h if math.isfinite(h) else 0.0] for h in (tv.half_width,)]
+        ax.errorbar([fid.mean], [tv.mean], xerr=err, yerr=yerr, fmt="o", capsize=3,
+                    label=METHODS[method][2])
+    ax.set_xlabel("FID against all digits (lower is better)")
+    ax.set_ylabel("TV of subgroup shares to the reference (lower is fairer)")
+    ax.set_title(f"TIW-DSM on digits, {setting.replace('_', ' ')}: mean ± 95% t over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--setting", choices=sorted(SETTINGS), required=True)
+    ap.add_argument("--output-dir", type=Path, required=True)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--collect-only", action="store_true",
+                    help="only tabulate the runs that finished")
+    args = ap.parse_args()
+
+    cfgs = configs(args.setting, args.methods, args.seeds, args.output_dir.resolve())
+    if not args.collect_only:
+        start = time.time()
+        run_experiments(list(cfgs.values()), processes=args.processes, threads=1)
+        print(f"all runs: {time.time() - start:.0f} s wall, {args.processes} processes")
+    values: dict = {m: {key: [] for key, _ in METRICS} for m in args.methods}
+    extra = {}
+    for (method, _seed), cfg in cfgs.items():
+        try:
+            ev = evaluation(cfg)
+        except FileNotFoundError:
+            print(f"{cfg.name}: not evaluated yet")
+            continue
+        for key, _ in METRICS:
+            values[method][key].append(float(ev[key]))
+        extra = {k: ev[k] for k in ("minority_groups", "minority_share_reference",
+                                    "minority_share_biased")}
+        print(f"{cfg.name}: " + ", ".join(f"{key} {ev[key]:.4f}" for key, _ in METRICS))
+    summaries = {m: {key: Summary.of(v) for key, v in values[m].items()} for m in args.methods
+                 if values[m]["eval/fid"]}
+    print(f"\nsetting {args.setting}; minority groups {extra.get('minority_groups')}: share "
+          f"{extra.get('minority_share_reference', math.nan):.3f} in the reference, "
+          f"{extra.get('minority_share_biased', math.nan):.3f} in the biased set\n")
+    print("| method | seeds | " + " | ".join(label for _, label in METRICS) + " |")
+    print("|---|---|" + "---|" * len(METRICS))
+    for method, s in summaries.items():
+        print(f"| {METHODS[method][2]} | {s['eval/fid'].n} | "
+              + " | ".join(cell(s[key]) for key, _ in METRICS) + " |")
+    if summaries:
+        path = args.output_dir / f"tiw_{args.setting}.png"
+        plot(summaries, args.setting, path)
+        print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
