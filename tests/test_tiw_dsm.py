@@ -279,3 +279,36 @@ def test_tiw_loss_without_a_bound_discriminator_says_which_recipe_binds_it():
     assert TIWConfig() == cfg.tiw
     with pytest.raises(ConfigError, match="needs the trained discriminator; run recipe tiw_dsm"):
         build_loss(cfg)
+
+
+class _FixedRatio(nn.Module):
+    """A 'discriminator' whose reference logit for the i-th image of a batch is log w_i: on the
+    biased set (pi = 0) its ratio D / (1 - D) is exactly w_i at every noise level."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.log_w = weights.log()
+        self.scale = nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (self.log_w[: len(x)] + 0.0 * x.flatten(1).sum(1)).unsqueeze(1)
+
+
+def test_weight_diagnostics_mean_and_effective_sample_size():
+    """Mean weight and ESS / n = (sum w)^2 / (n sum w^2): 1 and 1 for a critic that cannot tell
+    the sets apart; for two images carrying weight 100 among 98 of weight 0.01, the ESS is about
+    2 of 100 images."""
+    from debiaslab.methods.tiw_dsm import TimeDependentDiscriminator, weight_diagnostics
+
+    x = torch.zeros(100, 1, 4, 4)
+    flat = weight_diagnostics(TimeDependentDiscriminator(_FixedRatio(torch.ones(100))), x)
+    assert flat["mean"] == pytest.approx([1.0] * 5, abs=1e-6)
+    assert flat["ess"] == pytest.approx([1.0] * 5, abs=1e-6)
+    assert (flat["iw_mean"], flat["iw_ess"]) == pytest.approx((1.0, 1.0), abs=1e-6)
+    w = torch.full((100,), 0.01)
+    w[:2] = 100.0
+    peaked = weight_diagnostics(TimeDependentDiscriminator(_FixedRatio(w)), x, [0.3])
+    expect_ess = float(w.sum() ** 2 / (100 * (w ** 2).sum()))
+    assert peaked["mean"] == pytest.approx([float(w.mean())], rel=1e-4)
+    assert peaked["ess"] == pytest.approx([expect_ess], rel=1e-4)
+    assert expect_ess == pytest.approx(0.02, abs=1e-3)

@@ -146,6 +146,10 @@ def test_the_checkpoint_with_the_lowest_validation_bce_is_the_output(tmp_path):
     bces = [c["val_bce"] for c in evaluation["candidates"]]
     assert steps == [2, 4, 6]
     assert evaluation["loss_mean"] == min(bces)
+    weights = evaluation["weights"]  # of the chosen checkpoint, on the biased set; to MLflow
+    assert len(weights["ess"]) == len(weights["sigma"]) == 5
+    assert all(0.0 < e <= 1.0 for e in weights["ess"]) and weights["iw_mean"] > 0
+    assert set(evaluation["extra_metrics"]) >= {"weights/ess_sigma0.2", "weights/iw_ess"}
     assert chosen.name == f"ckpt_{steps[bces.index(min(bces))]:08d}.pt"
     last = load_config(None, SMALL + [f"output_dir={tmp_path}", *keep, "name=last",
                                       "discriminator.select=last"])

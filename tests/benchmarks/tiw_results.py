@@ -48,6 +48,7 @@ METHODS = {
     "dsm_obs": ("digits_lt_dsm_obs.yaml", [], "DSM(obs)"),
     "dsm_ref": ("digits_lt_dsm_ref.yaml", [], "DSM(ref)"),
     "iw_dsm": ("digits_lt_iw_dsm.yaml", [], "IW-DSM"),
+    "iw_dsm_a025": ("digits_lt_iw_dsm.yaml", ["tiw.alpha=0.25"], "IW-DSM, alpha 0.25"),
     "tiw_paper": ("digits_lt_tiw.yaml", [], "TIW-DSM, paper form"),
     # the released formulas (weight 2D) need a mixture of both sets: D_obs, untiled here
     "tiw_code": ("digits_lt_tiw.yaml", ["tiw.form=code", "data.train_on=observed"],
@@ -100,6 +101,50 @@ def evaluation(cfg) -> dict[str, float]:
     metrics["minority_share_reference"] = float(sum(share[REFERENCE_NAME][g] for g in rarer))
     metrics["minority_share_biased"] = float(sum(share[BIASED_NAME][g] for g in rarer))
     return metrics
+
+
+SIGMAS = np.geomspace(0.002, 80.0, 25)
+
+
+def weights_of_run(cfg) -> dict:
+    """methods.tiw_dsm.weight_diagnostics of the run's discriminator on the biased set, over a
+    fine sigma grid."""
+    import dataclasses
+
+    from debiaslab.data.pixels import from_uint8
+    from debiaslab.methods.tiw_dsm import load_discriminator, weight_diagnostics
+    from debiaslab.records import recorded_outputs
+
+    path = recorded_outputs(cfg)["discriminator"]
+    disc = load_discriminator(dataclasses.replace(
+        cfg, inputs={"discriminator": {"path": path, "hash": ""}}))
+    x = from_uint8(ImageDataset.load(cfg.dataset_path / BIASED_NAME).images)
+    return weight_diagnostics(disc, x, SIGMAS.tolist())
+
+
+def plot_weights(diag: dict, setting: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.semilogx(diag["sigma"], diag["ess"], "o-", label="TIW-DSM w_t(x_t): ESS / n")
+    ax.axhline(diag["iw_ess"], color="C1", ls="--", label="IW-DSM w(x0): ESS / n")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("sigma (EDM noise level)")
+    ax.set_ylabel("effective sample size / n (biased images)")
+    ax2 = ax.twinx()
+    ax2.loglog(diag["sigma"], diag["mean"], "s:", color="C2", label="TIW mean weight")
+    ax2.set_ylabel("mean weight (1 if calibrated)", color="C2")
+    ax.set_title(f"digits, {setting.replace('_', ' ')}: importance weights of the seed-0 "
+                 f"discriminator", fontsize=9)
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def cell(s: Summary) -> str:
@@ -175,6 +220,16 @@ def main() -> None:
         path = args.output_dir / f"tiw_{args.setting}.png"
         plot(summaries, args.setting, path)
         print(f"\nplot: {path}")
+    first = [cfg for (method, _s), cfg in cfgs.items() if method == "tiw_paper"]
+    if first and (first[0].run_dir / RECORD_DIR / "evaluate.json").is_file():
+        diag = weights_of_run(first[0])
+        print("\nimportance weights on the biased set (discriminator of " + first[0].name + "):")
+        print("  IW-DSM w(x0): mean {iw_mean:.3g}, ESS/n {iw_ess:.3f}".format(**diag))
+        for sigma, m, e in zip(diag["sigma"], diag["mean"], diag["ess"]):
+            print(f"  TIW sigma {sigma:8.3f}: mean weight {m:9.3g}, ESS/n {e:.3f}")
+        path = args.output_dir / f"tiw_weights_{args.setting}.png"
+        plot_weights(diag, args.setting, path)
+        print(f"plot: {path}")
 
 
 if __name__ == "__main__":

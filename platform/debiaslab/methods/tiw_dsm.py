@@ -581,6 +581,64 @@ def run_checkpoints(checkpoint: Any) -> list[Any]:
     return [path for _, path in sorted(c for f in folders for c in list_checkpoints(f))]
 
 
+DIAGNOSTIC_SIGMAS = (0.05, 0.2, 0.5, 1.0, 2.0)  # EDM's training levels: ln sigma ~ N(-1.2, 1.2)
+DEGENERATE_ESS = 0.05  # ESS / n below this: a handful of images carry the weighted loss
+
+
+def weight_diagnostics(disc: Discriminator, x0: Tensor, sigmas: Any = DIAGNOSTIC_SIGMAS, *,
+                       reference_share: float = 0.0, seed: int = 0) -> dict[str, list[float]]:
+    """How usable the discriminator's ratio is as importance weights on the images x0 the
+    score model trains on: at each EDM level sigma, the mean of w_t(x0 + sigma n) (about 1 for
+    a calibrated ratio, since E_train[p_data / p_train] = 1) and the effective sample size as a
+    fraction of the images, ESS / n = (sum w)^2 / (n sum w^2) (1: equal weights); also the
+    clean-image weight of IW-DSM (``iw_mean``, ``iw_ess``)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    out: dict[str, Any] = {"sigma": [float(v) for v in sigmas], "mean": [], "ess": []}
+
+    def add(w: Tensor, prefix: str = "") -> None:
+        w = w.double()
+        mean, ess = float(w.mean()), float(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
+        if prefix:
+            out[f"{prefix}_mean"], out[f"{prefix}_ess"] = mean, ess
+        else:
+            out["mean"].append(mean)
+            out["ess"].append(ess)
+
+    for sigma in out["sigma"]:
+        level = torch.full((len(x0),), sigma, device=x0.device)
+        weights = [tiw_terms(disc, x0[i:i + 256] + sigma * noise[i:i + 256], level[i:i + 256],
+                             reference_share=reference_share).weight
+                   for i in range(0, len(x0), 256)]
+        add(torch.cat(weights))
+    add(torch.cat([iw_weight(disc, x0[i:i + 256], reference_share=reference_share)
+                   for i in range(0, len(x0), 256)]), "iw")
+    return out
+
+
+def _weights_of(cfg: ExperimentConfig, model: nn.Module, info: dict[str, Any], path: Any
+                ) -> dict[str, Any]:
+    """weight_diagnostics of the chosen checkpoint on the biased set, logged in one line (with
+    a warning when the ratio is degenerate)."""
+    from debiaslab.progress import log
+
+    rows = discriminator_data(cfg)
+    biased = torch.nonzero(rows.labels == 0).reshape(-1)
+    disc = TimeDependentDiscriminator(model, shape=tuple(info["shape"]), source=str(path))
+    device = next(model.parameters()).device
+    diag = weight_diagnostics(disc, rows.float_inputs(biased).to(device),
+                              seed=cfg.train.seed)
+    log("discriminator: importance weights on the biased set, mean / ESS per image: "
+        + ", ".join(f"sigma {s:g}: {m:.3g} / {e:.2f}"
+                    for s, m, e in zip(diag["sigma"], diag["mean"], diag["ess"]))
+        + f"; clean (IW-DSM): {diag['iw_mean']:.3g} / {diag['iw_ess']:.2f}")
+    if min(diag["ess"]) < DEGENERATE_ESS:
+        log(f"warning: discriminator: below {DEGENERATE_ESS} of the biased images carry the "
+            f"weight at some sigma: it has memorised the reference set; train it fewer steps "
+            f"or regularise it (discriminator.train.steps, .weight_decay, .model.dropout)")
+    return diag
+
+
 def _validate_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any
                          ) -> tuple[Any, dict[str, Any]]:
     """AuxModelKind.validate_checkpoint (after Ray Train): :func:`_select_checkpoint` on the
@@ -610,6 +668,16 @@ def _select_checkpoint(cfg: ExperimentConfig, checkpoint: Any, device: Any, val_
         shown = ", ".join(f"step {step}: {ev['loss_mean']:.4f}" for ev, step, _ in scored)
         log(f"discriminator: the checkpoint of step {best[1]} has the lowest validation BCE "
             f"({shown})")
+    if evaluation["loss_mean"] >= math.log(2):
+        log(f"warning: discriminator: its validation BCE {evaluation['loss_mean']:.3f} is no "
+            f"better than answering 1/2 everywhere (ln 2 = 0.693)")
+    model, info = load_classifier(best[2], device)
+    diag = _weights_of(cfg, model, info, best[2])
+    evaluation["weights"] = diag
+    evaluation["extra_metrics"] = {
+        **{f"weights/mean_sigma{s:g}": m for s, m in zip(diag["sigma"], diag["mean"])},
+        **{f"weights/ess_sigma{s:g}": e for s, e in zip(diag["sigma"], diag["ess"])},
+        "weights/iw_mean": diag["iw_mean"], "weights/iw_ess": diag["iw_ess"]}
     return best[2], evaluation
 
 

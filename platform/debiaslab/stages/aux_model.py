@@ -29,7 +29,8 @@ class AuxModelKind:
       another checkpoint of the run there (the one it returns is the stage's output).
     ``train_local`` may pick likewise.
     An evaluation is the dict of ``training.classifier_eval.evaluate_classifier``: per bucket
-    ``t_lo``, ``t_hi``, ``accuracy``, ``loss``, ``count``, and ``accuracy_mean``, ``loss_mean``.
+    ``t_lo``, ``t_hi``, ``accuracy``, ``loss``, ``count``, and ``accuracy_mean``, ``loss_mean``;
+    a kind may add ``extra_metrics`` ({name: value}), logged with them.
     """
 
     train_local: Callable[..., tuple[Any, dict[str, Any]]]
@@ -96,6 +97,9 @@ def train_aux_model(cfg: ExperimentConfig, ctx: Any, *, section: str = "classifi
             checkpoint, evaluation = kind.train_local(ccfg, on_metrics=on_metrics,
                                                       progress=ctx.progress)
     metrics = {f"{name}/{k}": v for k, v in evaluation_metrics(evaluation).items()}
+    # a kind's own validation numbers (e.g. the discriminator's importance-weight diagnostics)
+    metrics.update({f"{name}/{k}": float(v)
+                    for k, v in evaluation.get("extra_metrics", {}).items()})
     plot = save_figure(plot_classifier_evaluation(
         evaluation, title=f"{ccfg.name}: validation per timestep"),
         ccfg.run_dir / "validation_per_timestep.png")
