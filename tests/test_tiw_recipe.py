@@ -344,3 +344,33 @@ def test_the_cifar_gpu_recipes_hold_the_released_settings(name, reference, mimg)
     assert d.train.keep_checkpoints * d.train.checkpoint_every >= d.train.steps
     assert (cfg.sample.samplers, cfg.sample.steps) == (("edm_heun",), 18)
     assert cfg.metrics.subgroup_classifier  # the bias statistic's CIFAR-10 classifier
+
+
+def test_the_cascaded_discriminator_trains_a_head_on_a_frozen_trunk(tmp_path):
+    """The second variant of §2.2: a frozen noise-conditional encoder (here a class classifier
+    of the biased set, trained by the subgroup_classifier recipe) and a trained head; the
+    chosen checkpoint reloads with the trunk's weights unchanged."""
+    from debiaslab.methods.tiw_dsm import DISCRIMINATOR
+    from debiaslab.training.classifier import load_classifier
+
+    trunk_cfg = load_config(None, SMALL + [
+        f"output_dir={tmp_path}", "recipe=subgroup_classifier", "name=trunk",
+        "classifier.train.steps=4", "classifier.train.batch_size=16",
+        "classifier.train.checkpoint_every=4", "classifier.val_buckets=1",
+        "classifier.model.model_channels=16", "classifier.model.channel_mult=[1,2]"])
+    run_experiment(trunk_cfg, progress=False)
+    trunk_path = read_record(trunk_cfg, get_recipe(trunk_cfg).stage("classifier"))[
+        "outputs"]["classifier"]["path"]
+    cfg = load_config(None, SMALL + [
+        f"output_dir={tmp_path}", "discriminator.model.net=cascaded_classifier",
+        "discriminator.model.attention_resolutions=[]", "discriminator.model.head_channels=16",
+        f"discriminator.model.options={{trunk: {trunk_path}}}"])
+    build_data(cfg)
+    ccfg = classifier_experiment(cfg, "discriminator", run_suffix="discriminator")
+    chosen, evaluation = DISCRIMINATOR.train_local(ccfg, progress=False)
+    net, info = load_classifier(chosen)
+    trunk, _ = load_classifier(trunk_path)
+    assert type(net).__name__ == "CascadedClassifier" and info["num_outputs"] == 2
+    for (name, a), b in zip(trunk.state_dict().items(), net.trunk.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert len(evaluation["weights"]["ess"]) == 5
