@@ -35,9 +35,10 @@ LATER_SECTIONS = ("tiw", "discriminator")  # sections of methods added after the
 # config keys added after the digest was written, left out of the config hash at their default
 # value; the data stage's key does include data.reference_count and data.train_on, so its stored
 # keys were recomputed when each was added (issue 19), and only the ``:data`` entries changed;
-# likewise the evaluate stage's key holds metrics.subgroup_classifier: only ``:evaluate`` changed
+# likewise the evaluate stage's key holds metrics.subgroup_classifier and metrics.subgroups: only
+# ``:evaluate`` changed
 LATER_KEYS = {"data.reference_count": 0, "data.train_on": "biased",
-              "metrics.subgroup_classifier": ""}
+              "metrics.subgroup_classifier": "", "metrics.subgroups": ""}
 
 
 def _sha(obj) -> str:

@@ -374,3 +374,38 @@ def test_the_cascaded_discriminator_trains_a_head_on_a_frozen_trunk(tmp_path):
     for (name, a), b in zip(trunk.state_dict().items(), net.trunk.state_dict().values()):
         assert torch.equal(a, b), name
     assert len(evaluation["weights"]["ess"]) == 5
+
+
+def test_joint_subgroups_count_every_combination(tmp_path):
+    """metrics.subgroups: class+attr:bold counts the 20 (digit, bold) combinations; fed the
+    reference images, the shares are their stored joint shares up to the extractor's errors.
+    Bad specs are one-line errors before anything runs."""
+    import numpy as np
+
+    from debiaslab.data.dataset import ImageDataset
+    from debiaslab.methods.tiw_dsm import bias_evaluation, total_variation
+    from debiaslab.metrics.evaluate import SampleSet
+    from debiaslab.metrics.features import build_extractor
+
+    cfg = load_config(None, SMALL + [f"output_dir={tmp_path}", "metrics.subgroups=class+attr:bold"])
+    build_data(cfg)
+    ref = ImageDataset.load(cfg.dataset_path / "reference")
+    samples = SampleSet(images=ref.images.numpy(), labels=None, source=str(tmp_path / "ref"))
+    metrics, meta = bias_evaluation(cfg, samples, build_extractor("digits"), {})
+    stat = meta["bias_statistic"]
+    assert len(stat["names"]) == 20 and stat["names"][:3] == ["0,bold=0", "0,bold=1", "1,bold=0"]
+    bold = ref.attributes.numpy()[:, list(ref.attr_names).index("bold")]
+    joint = np.bincount(ref.labels.numpy() * 2 + bold, minlength=20) / len(bold)
+    assert stat["reference"] == pytest.approx(joint.tolist())
+    assert sum(stat["samples"]) == pytest.approx(1.0)
+    assert metrics["bias/tv_reference"] < 0.25 * stat["tv_reference_vs_biased"]
+    assert total_variation(stat["samples"], joint) == pytest.approx(metrics["bias/tv_reference"])
+    for spec, message in [("class+shape", "each part is class or attr:<name>"),
+                          ("class+class", "names a part twice")]:
+        with pytest.raises(ConfigError, match=message):
+            get_recipe(load_config(None, SMALL + [f"output_dir={tmp_path}",
+                                                  f"metrics.subgroups={spec}"]))
+    with pytest.raises(ConfigError, match="joint subgroup; metrics.subgroup_classifier"):
+        get_recipe(load_config(None, SMALL + [f"output_dir={tmp_path}",
+                                              "metrics.subgroups=class+attr:bold",
+                                              "metrics.subgroup_classifier=/x"]))

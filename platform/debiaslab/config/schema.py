@@ -155,6 +155,9 @@ class MetricsConfig:
     # subgroup a method's bias statistic counts ("class" or "attr:<name>"), applied to clean
     # samples at t = 0; "" = the extractor's own predictions (the digits extractor's)
     subgroup_classifier: str = ""
+    # the subgroups a method's bias statistic counts: "" = what the build is biased in (class
+    # or the bias attribute); else "class", "attr:<name>", or parts joined by "+" (joint)
+    subgroups: str = ""
     k: int = 5
     lof_k: int = 20
     head_fraction: float = 0.5

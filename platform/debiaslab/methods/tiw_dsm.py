@@ -15,6 +15,7 @@ device and never trains, checkpoints or samples with it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -687,9 +688,44 @@ DISCRIMINATOR = AuxModelKind(_train_here, discriminator_trainer, _validate_check
 # ------------------------------------------------------------------------------ evaluation
 
 def subgroup_of(cfg: ExperimentConfig) -> str:
-    """The subgroup a setting is biased in: the class for long-tail builds, the bias attribute
-    for attribute-bias builds."""
+    """The subgroups the bias statistic counts: ``metrics.subgroups`` when set, else what the
+    build is biased in (the class for long-tail builds, the bias attribute for attribute-bias
+    builds). Parts joined by "+" are counted jointly (e.g. ``class+attr:bold``)."""
+    if cfg.metrics.subgroups:
+        return cfg.metrics.subgroups
     return f"attr:{cfg.data.bias_attribute}" if cfg.data.imbalance == "attribute_bias" else "class"
+
+
+def subgroup_parts(by: str) -> list[str]:
+    """The parts of a subgroup spec, each "class" or "attr:<name>" (one-line error otherwise)."""
+    parts = by.split("+")
+    for part in parts:
+        if part != "class" and not (part.startswith("attr:") and len(part) > 5):
+            raise ConfigError(f"metrics.subgroups: {by!r}: each part is class or attr:<name>, "
+                              f"joined by + (e.g. class+attr:bold), got {part!r}")
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"metrics.subgroups: {by!r} names a part twice")
+    return parts
+
+
+def _joint(columns: list[np.ndarray], sizes: list[int]) -> np.ndarray:
+    """Mixed-radix index of the joint subgroup: the last part varies fastest."""
+    out = np.zeros(len(columns[0]), dtype=np.int64)
+    for column, size in zip(columns, sizes):
+        out = out * size + np.asarray(column, dtype=np.int64)
+    return out
+
+
+def _truth(part: str, data: Any, where: str) -> tuple[list[str], np.ndarray]:
+    """(names, per-image values) of one part from a dataset's stored labels."""
+    if part == "class":
+        return list(data.class_names), data.labels.numpy()
+    attribute = part.split(":", 1)[1]
+    if attribute not in data.attr_names:
+        raise ConfigError(f"metrics.subgroups: {where} has no attribute {attribute!r} (it has "
+                          f"{', '.join(data.attr_names) or 'none'})")
+    column = list(data.attr_names).index(attribute)
+    return [f"{attribute}=0", f"{attribute}=1"], data.attributes.numpy()[:, column]
 
 
 def shares(groups: np.ndarray, num_groups: int) -> np.ndarray:
@@ -738,8 +774,9 @@ def classify_subgroups(path: str, images: np.ndarray, by: str, num_groups: int
 
 def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
                     inputs: dict[str, str]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Recipe.evaluation, the bias statistic: the samples' subgroup proportions (class or the bias
-    attribute, as the evaluation extractor predicts them) against the reference set's and the
+    """Recipe.evaluation, the bias statistic: the samples' subgroup proportions (the class, an
+    attribute or a joint subgroup of them, :func:`subgroup_of`; as the evaluation extractor or
+    metrics.subgroup_classifier predicts them) against the reference set's and the
     biased set's (their stored labels). Metrics: ``bias/tv_reference`` and ``bias/tv_biased``
     (total variation; the debiased model should be nearer the reference), ``bias/fd_reference``
     (L2, the fairness discrepancy against the reference) and each subgroup's sample share.
@@ -752,29 +789,28 @@ def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
     from debiaslab.report import shares_figure
 
     by = subgroup_of(cfg)
+    parts = subgroup_parts(by)
     sets = {name: ImageDataset.load(cfg.dataset_path / name)
             for name in (BIASED_NAME, REFERENCE_NAME)}
-    if by == "class":
-        names = list(sets[BIASED_NAME].class_names)
-        truth = {k: d.labels.numpy() for k, d in sets.items()}
-    else:
-        attribute = by.split(":", 1)[1]
-        names = [f"{attribute}=0", f"{attribute}=1"]
-        column = list(sets[BIASED_NAME].attr_names).index(attribute)
-        truth = {k: d.attributes.numpy()[:, column] for k, d in sets.items()}
+    per_part = {k: [_truth(part, d, str(cfg.dataset_path / k)) for part in parts]
+                for k, d in sets.items()}
+    sizes = [len(part_names) for part_names, _ in per_part[BIASED_NAME]]
+    names = [",".join(combo) for combo in itertools.product(
+        *(part_names for part_names, _ in per_part[BIASED_NAME]))]
+    truth = {k: _joint([values for _, values in v], sizes) for k, v in per_part.items()}
     k = len(names)
     provenance: dict[str, Any] = {"predictor": f"extractor {cfg.metrics.extractor}"}
+    check_subgroup_predictor(cfg)
     if cfg.metrics.subgroup_classifier:
         predicted, provenance["classifier"] = classify_subgroups(
             cfg.metrics.subgroup_classifier, samples.images, by, k)
         provenance["predictor"] = "metrics.subgroup_classifier"
     else:
-        check_subgroup_predictor(cfg)
         ext = extractor.extract(samples.images, batch_size=cfg.metrics.batch_size)
-        if by == "class":
-            predicted = ext.classes
-        else:
-            predicted = ext.attributes[:, list(extractor.attr_names).index(by.split(":", 1)[1])]
+        columns = [ext.classes if part == "class" else
+                   ext.attributes[:, list(extractor.attr_names).index(part.split(":", 1)[1])]
+                   for part in parts]
+        predicted = _joint(columns, sizes)
     p = {"samples": shares(predicted, k), "reference": shares(truth[REFERENCE_NAME], k),
          "biased": shares(truth[BIASED_NAME], k)}
     metrics = {"bias/tv_reference": total_variation(p["samples"], p["reference"]),
@@ -799,14 +835,21 @@ def check_subgroup_predictor(cfg: ExperimentConfig) -> None:
     extractor that predicts the class (or the bias attribute). Checked before any training."""
     from debiaslab.metrics.features import PREDICTIONS, register_builtin_extractors
 
-    if cfg.metrics.subgroup_classifier:
-        return
     by = subgroup_of(cfg)
+    parts = subgroup_parts(by)
+    if cfg.metrics.subgroup_classifier:
+        if len(parts) > 1:
+            raise ConfigError(f"metrics.subgroups: {by!r} is a joint subgroup; "
+                              f"metrics.subgroup_classifier predicts one label: count one part, "
+                              f"or use an extractor that predicts each")
+        return
     register_builtin_extractors()  # the extractors' modules say what they predict when imported
-    if by not in PREDICTIONS.get(cfg.metrics.extractor, ()):
+    missing = [p for p in parts if p not in PREDICTIONS.get(cfg.metrics.extractor, ())]
+    if missing:
         raise ConfigError(f"metrics.extractor={cfg.metrics.extractor}: does not predict the "
-                          f"bias statistic's subgroup ({by}); set metrics.subgroup_classifier "
-                          f"to a classifier trained on it (debiaslab classifier, label {by})")
+                          f"bias statistic's subgroup ({', '.join(missing)}); set "
+                          f"metrics.subgroup_classifier to a classifier trained on it (recipe "
+                          f"subgroup_classifier, label {missing[0]})")
 
 
 def check_recipe(cfg: ExperimentConfig) -> None:
