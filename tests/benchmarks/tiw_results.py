@@ -122,6 +122,40 @@ def weights_of_run(cfg) -> dict:
     return weight_diagnostics(disc, x, SIGMAS.tolist())
 
 
+GRID_SAMPLES = 24
+
+
+def save_grid(cfgs: dict, methods: list[str], setting: str, path: Path) -> Path:
+    """One row per method (first training seed): its first GRID_SAMPLES samples, which share
+    their seeds across methods."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from debiaslab.report import image_grid
+
+    rows = {}
+    for method in methods:
+        cfg = cfgs[(method, min(s for m, s in cfgs if m == method))]
+        folder = cfg.run_dir / "samples" / cfg.sample.samplers[0]
+        if (folder / "dataset.json").is_file():
+            images = ImageDataset.load(folder).images[:GRID_SAMPLES]
+            rows[METHODS[method][2]] = image_grid(images, nrow=GRID_SAMPLES, scale=2)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 0.75 * len(rows) + 0.5), squeeze=False)
+    for ax, (label, strip) in zip(axes[:, 0], rows.items()):
+        ax.imshow(strip.squeeze(-1) if strip.shape[-1] == 1 else strip, cmap="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"digits, {setting.replace('_', ' ')}: the same sample seeds, training seed 0",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_weights(diag: dict, setting: str, path: Path) -> None:
     import matplotlib
 
@@ -220,6 +254,9 @@ def main() -> None:
         path = args.output_dir / f"tiw_{args.setting}.png"
         plot(summaries, args.setting, path)
         print(f"\nplot: {path}")
+    if summaries:
+        grid = args.output_dir / f"tiw_grid_{args.setting}.png"
+        print(f"grid: {save_grid(cfgs, list(summaries), args.setting, grid)}")
     first = [cfg for (method, _s), cfg in cfgs.items() if method == "tiw_paper"]
     if first and (first[0].run_dir / RECORD_DIR / "evaluate.json").is_file():
         diag = weights_of_run(first[0])
