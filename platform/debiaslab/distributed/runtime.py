@@ -66,6 +66,23 @@ def worker_setup() -> None:
     importlib.import_module(PLUGINS_LOADER).load()
 
 
+def threads_for(cpus: float) -> int:
+    """Torch threads of a Ray worker holding ``cpus`` CPUs: at least one. Ray Train does not
+    set OMP_NUM_THREADS in its workers, so torch takes every core of the node, and two workers
+    on one node oversubscribe it (measured: 0.55 steps/s instead of ~5 for two 0.5-CPU workers
+    on 2 cores)."""
+    return max(1, int(cpus))
+
+
+def limit_threads(cpus: float) -> int:
+    """Set this process's torch threads to :func:`threads_for` ``cpus``; returns the count."""
+    import torch
+
+    n = threads_for(cpus)
+    torch.set_num_threads(n)
+    return n
+
+
 def ray_env() -> dict[str, str]:
     """Environment variables every Ray process of ours gets (set before ray is imported; the
     debiaslab.distributed package sets them when it is imported)."""

@@ -27,7 +27,7 @@ from debiaslab.sweeps import (
     trial_config,
 )
 
-from .runtime import init_ray, ray_env, shutdown_ray
+from .runtime import init_ray, limit_threads, ray_env, shutdown_ray
 
 STATE_FILE = "debiaslab_sweep.json"  # parent MLflow run id, beside Tune's experiment state
 SWEEP_TAG, TRIAL_TAG, PARENT_TAG = "debiaslab.sweep", "debiaslab.trial_id", "mlflow.parentRunId"
@@ -200,6 +200,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     ray_env()
     ops: TrialOps = ctx["ops"]
     sweep = load_sweep(ctx["sweep_file"], ctx["sweep_overrides"])
+    limit_threads(sweep.cpus_per_trial)  # the trial samples and evaluates in this process
     trial_id = tune.get_context().get_trial_id()
     name = _trial_name(sweep.name, trial_id)
     cfg = absolute_paths(trial_config(sweep, dict(config), name))

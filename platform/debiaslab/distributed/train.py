@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 
 from debiaslab.checkpoints import TRAINER_KEYS, latest_checkpoint, load_checkpoint
 from debiaslab.config import ExperimentConfig, absolute_paths, from_saved_dict, to_dict
-from debiaslab.distributed.runtime import init_ray, shutdown_ray
+from debiaslab.distributed.runtime import init_ray, limit_threads, shutdown_ray
 from debiaslab.errors import ConfigError
 from debiaslab.training.factories import classifier_trainer, score_trainer  # noqa: F401
 
@@ -169,6 +169,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     _quiet_report_lines()
     cfg = from_saved_dict(config["cfg"])
+    limit_threads(cfg.distributed.cpus_per_worker)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     _remove_dead_staging(cfg.name)
