@@ -33,7 +33,7 @@ import numpy as np
 from debiaslab import plugins
 from debiaslab.compare import Summary
 from debiaslab.data.dataset import ImageDataset
-from debiaslab.data.sources import BIASED_NAME, REFERENCE_NAME
+from debiaslab.data.sources import BIASED_NAME
 from debiaslab.experiment import seed_configs
 from debiaslab.quickstart import run_experiments
 from debiaslab.records import RECORD_DIR
@@ -82,24 +82,17 @@ def configs(setting: str, methods: list[str], seeds: list[int], output_dir: Path
 
 
 def evaluation(cfg) -> dict[str, float]:
-    """The evaluate stage's recorded metrics, plus the minority share."""
+    """The evaluate stage's recorded metrics, plus the minority share, from the bias statistic
+    the evaluation recorded (its samples', reference's and biased set's subgroup shares)."""
     record = json.loads((cfg.run_dir / RECORD_DIR / "evaluate.json").read_text())
     metrics = dict(record["metrics"])
-    sets = {n: ImageDataset.load(cfg.dataset_path / n) for n in (BIASED_NAME, REFERENCE_NAME)}
-    if cfg.data.imbalance == "attribute_bias":
-        column = list(sets[BIASED_NAME].attr_names).index(cfg.data.bias_attribute)
-        names = [f"{cfg.data.bias_attribute}=0", f"{cfg.data.bias_attribute}=1"]
-        truth = {k: d.attributes.numpy()[:, column] for k, d in sets.items()}
-    else:
-        names = [str(i) for i in range(len(sets[BIASED_NAME].class_names))]
-        truth = {k: d.labels.numpy() for k, d in sets.items()}
-    k = len(names)
-    share = {n: np.bincount(v, minlength=k) / len(v) for n, v in truth.items()}
-    rarer = [g for g in range(k) if share[BIASED_NAME][g] < share[REFERENCE_NAME][g]]
-    metrics["minority_share"] = sum(metrics[f"eval/bias/share_{names[g]}"] for g in rarer)
-    metrics["minority_groups"] = [names[g] for g in rarer]
-    metrics["minority_share_reference"] = float(sum(share[REFERENCE_NAME][g] for g in rarer))
-    metrics["minority_share_biased"] = float(sum(share[BIASED_NAME][g] for g in rarer))
+    saved = cfg.run_dir / "eval" / f"eval_{cfg.sample.samplers[0]}.json"
+    stat = json.loads(saved.read_text())["meta"]["bias_statistic"]
+    rarer = [g for g, (b, r) in enumerate(zip(stat["biased"], stat["reference"])) if b < r]
+    metrics["minority_share"] = float(sum(stat["samples"][g] for g in rarer))
+    metrics["minority_groups"] = [stat["names"][g] for g in rarer]
+    metrics["minority_share_reference"] = float(sum(stat["reference"][g] for g in rarer))
+    metrics["minority_share_biased"] = float(sum(stat["biased"][g] for g in rarer))
     return metrics
 
 

@@ -852,18 +852,25 @@ def check_subgroup_predictor(cfg: ExperimentConfig) -> None:
                           f"subgroup_classifier, label {missing[0]})")
 
 
+def _check_reference_build(cfg: ExperimentConfig, recipe: str) -> None:
+    """Both recipes' data rules: a build with a reference set, and something that tells the
+    samples' subgroups apart for the bias statistic."""
+    from debiaslab.data.sources import SPLIT_IMBALANCES
+
+    if cfg.data.imbalance not in SPLIT_IMBALANCES:
+        raise ConfigError(f"recipe {recipe}: needs a reference set, data.imbalance: one of "
+                          f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance!r}")
+    check_subgroup_predictor(cfg)
+
+
 def check_recipe(cfg: ExperimentConfig) -> None:
     """The TIW recipe's own rules: a TIW loss, a reference build, and the biased or observed set
     as the score model's training set."""
-    from debiaslab.data.sources import SPLIT_IMBALANCES
 
     if cfg.diffusion.loss not in TIW_LOSSES:
         raise ConfigError(f"recipe tiw_dsm: needs diffusion.loss: one of "
                           f"{', '.join(TIW_LOSSES)}, got {cfg.diffusion.loss!r}")
-    if cfg.data.imbalance not in SPLIT_IMBALANCES:
-        raise ConfigError(f"recipe tiw_dsm: needs a reference set, data.imbalance: one of "
-                          f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance!r}")
-    check_subgroup_predictor(cfg)
+    _check_reference_build(cfg, "tiw_dsm")
     if cfg.data.train_on == "reference":
         raise ConfigError("recipe tiw_dsm: data.train_on: reference trains on the unbiased set "
                           "alone (the DSM(ref) baseline); use recipe tiw_baseline with "
@@ -872,15 +879,11 @@ def check_recipe(cfg: ExperimentConfig) -> None:
 
 def check_baseline(cfg: ExperimentConfig) -> None:
     """The baselines' rules: a reference build, and a loss without a discriminator."""
-    from debiaslab.data.sources import SPLIT_IMBALANCES
 
     if cfg.diffusion.loss in TIW_LOSSES:
         raise ConfigError(f"recipe tiw_baseline: diffusion.loss: {cfg.diffusion.loss} needs the "
                           f"discriminator stage; use recipe tiw_dsm for it")
-    if cfg.data.imbalance not in SPLIT_IMBALANCES:
-        raise ConfigError(f"recipe tiw_baseline: needs a reference set, data.imbalance: one of "
-                          f"{', '.join(SPLIT_IMBALANCES)}, got {cfg.data.imbalance!r}")
-    check_subgroup_predictor(cfg)
+    _check_reference_build(cfg, "tiw_baseline")
 
 
 register_recipe(Recipe(
