@@ -394,6 +394,9 @@ def test_joint_subgroups_count_every_combination(tmp_path):
     metrics, meta = bias_evaluation(cfg, samples, build_extractor("digits"), {})
     stat = meta["bias_statistic"]
     assert len(stat["names"]) == 20 and stat["names"][:3] == ["0,bold=0", "0,bold=1", "1,bold=0"]
+    # the metric names are the ones MLflow stores (it refuses "," and "=")
+    assert [k for k in metrics if k.startswith("bias/share_")][:3] == [
+        "bias/share_0_bold_0", "bias/share_0_bold_1", "bias/share_1_bold_0"]
     bold = ref.attributes.numpy()[:, list(ref.attr_names).index("bold")]
     joint = np.bincount(ref.labels.numpy() * 2 + bold, minlength=20) / len(bold)
     assert stat["reference"] == pytest.approx(joint.tolist())

@@ -73,6 +73,7 @@ def test_round_trip_params_metrics_artifacts_tags(store, tmp_path: Path) -> None
         tr.log_params(extra)
         tr.log_metrics({"train/loss": 1.5, "eval/fid": np.float32(30.0)}, step=0)
         tr.log_metrics({"train/loss": 0.5}, step=10)
+        tr.log_metrics({"bias/share_3,bold=1": 0.25})  # characters MLflow refuses become _
         tr.log_artifact(tmp_path / "a.txt")
         tr.log_artifact(tmp_path / "dir", artifact_path="extra")
         tr.log_figure(class_count_figure([5, 3, 1], "counts"), "plots/counts")
@@ -92,7 +93,7 @@ def test_round_trip_params_metrics_artifacts_tags(store, tmp_path: Path) -> None
     assert params["data.classes"] == "[0, 1, 2]" and params["data.paths"] == "['a', 'b']"
     assert len(params["notes"]) == 6000 and params["notes"].endswith("...[truncated]")
     assert len(params) == 7 + 250 and params["sweep.p249"] == "249"
-    assert run.data.metrics == {"train/loss": 0.5, "eval/fid": 30.0}
+    assert run.data.metrics == {"train/loss": 0.5, "eval/fid": 30.0, "bias/share_3_bold_1": 0.25}
     history = client.get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.5), (10, 0.5)]
     tags = run.data.tags

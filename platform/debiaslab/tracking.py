@@ -286,6 +286,16 @@ def end_dead_runs(client: Any, experiment_id: str, run_name: str) -> list[str]:
     return ended
 
 
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_key(name: Any) -> str:
+    """``name`` with every character MLflow refuses in a metric name (anything but letters,
+    digits, ``_ - . : /`` and space) replaced by ``_``: ``bias/share_bold=1`` ->
+    ``bias/share_bold_1``."""
+    return _METRIC_UNSAFE.sub("_", str(name))
+
+
 def _chunks(items: list[T], size: int) -> Iterable[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -480,11 +490,13 @@ class Tracker:
             self.log_artifact(path, _artifact_dir(artifact_file))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
-        """Log metrics at `step` in batches of up to 1000; values go through float()."""
+        """Log metrics at `step` in batches of up to 1000; values go through float(), names
+        through metric_key (MLflow refuses the whole batch for one bad character)."""
         from mlflow.entities import Metric
 
         timestamp_ms = int(time.time() * 1000)
-        items = [Metric(str(k), float(v), timestamp_ms, int(step)) for k, v in metrics.items()]
+        items = [Metric(metric_key(k), float(v), timestamp_ms, int(step))
+                 for k, v in metrics.items()]
         for chunk in _chunks(items, METRICS_PER_BATCH):
             _retry_locked(self.client.log_batch, self.run_id, metrics=chunk)
 

@@ -39,6 +39,7 @@ from debiaslab.methods.api import (
     register_recipe,
     register_section,
 )
+from debiaslab.tracking import metric_key
 
 # The VP-SDE of the discriminator (Song et al. 2021; the official code's beta_min, beta_max) and
 # the smallest diffusion time its tau sampler draws.
@@ -816,7 +817,9 @@ def bias_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
     metrics = {"bias/tv_reference": total_variation(p["samples"], p["reference"]),
                "bias/tv_biased": total_variation(p["samples"], p["biased"]),
                "bias/fd_reference": float(np.linalg.norm(p["samples"] - p["reference"]))}
-    metrics.update({f"bias/share_{name}": float(v) for name, v in zip(names, p["samples"])})
+    # named as MLflow stores them (bold=1 -> bold_1, 3,bold=1 -> 3_bold_1)
+    metrics.update({metric_key(f"bias/share_{name}"): float(v)
+                    for name, v in zip(names, p["samples"])})
     label = Path(samples.source).name
     figure = shares_figure({n: p[n] for n in ("biased", "reference", "samples")}, names,
                            title=f"{cfg.name} / {label}: subgroup shares", xlabel=by)
