@@ -68,6 +68,7 @@ def write_sweep(root: Path, experiment: Path, name: str, **fields) -> Path:
              "objective": {"metric": "eval/fid", "mode": "min"}, "num_trials": 4,
              "cpus_per_trial": 1.0}
     sweep.update(fields)
+    sweep = {k: v for k, v in sweep.items() if v is not None}  # None: leave the key out
     path = root / f"{name.replace('/', '_')}.yaml"
     path.write_text(yaml.safe_dump(sweep))
     return path
@@ -113,6 +114,16 @@ def children(cfg, sweep_name: str) -> list:
      "non-empty choices"),
     ({"objective": {"metric": "eval/fidd", "mode": "min"}},
      "objective metric 'eval/fidd' is not reported by any trial; trials report: "),
+    ({"search": "grid"},
+     "params.sample.guidance.cfg.omega: search: grid needs a categorical choices list, got type "
+     "float"),
+    ({"search": "grid", "params": {"sample.guidance.cfg.omega": {"type": "categorical",
+                                                                 "choices": [0.0, 1.0]}}},
+     "num_trials: search: grid runs each of its 2 combinations once; drop num_trials or set it "
+     "to 2"),
+    ({"search": "grid", "params": {"sample.guidance.cfg.omega": {"type": "categorical",
+                                                                 "choices": [1.0, 1.0]}}},
+     "params.sample.guidance.cfg.omega: choices repeat a value"),
     ({"checkpoint": "/nonexistent/run"}, "checkpoint: no trained checkpoint at /nonexistent/run"),
     ({"sweep_name": "../escape"}, "name: '../escape' is not a plain name"),
     ({"params": {"sample.guidance.cfg.omega": {"type": "float", "low": 0.0, "high": float("inf")}}},
@@ -181,6 +192,23 @@ def test_sampling_sweep_multi_objective_with_asha(base, ray_env_tmp):
         result.best_config["sample.guidance.cfg.omega"])
     assert parent.status == "FINISHED"
     for name in ("trials.md", "objective_vs_params.png", "param_importance.png"):
+        assert (result.sweep_dir / "summary" / name).is_file(), name
+
+
+def test_grid_sweep_runs_every_combination_once_and_plots_its_front(base, ray_env_tmp):
+    """``search: grid``: the trials are exactly the grid, whatever runs concurrently; with two
+    objectives the summary plots them against each other."""
+    root, experiment, cfg = base
+    omegas = [0.0, 1.5, 3.0]
+    path = write_sweep(root, experiment, "omega_grid", search="grid", num_trials=None,
+                       params={"sample.guidance.cfg.omega": {"type": "categorical",
+                                                             "choices": omegas}},
+                       second_objective={"metric": "eval/tail_recall", "mode": "max"})
+    result = run_sweep(path, progress=False)
+    assert sorted(t["params"]["sample.guidance.cfg.omega"] for t in result.trials) == omegas
+    runs = children(cfg, "omega_grid")
+    assert sorted(float(r.params["sweep.sample.guidance.cfg.omega"]) for r in runs) == omegas
+    for name in ("trials.md", "objective_vs_params.png", "front.png"):
         assert (result.sweep_dir / "summary" / name).is_file(), name
 
 
@@ -278,3 +306,34 @@ def test_best_breaks_ties_by_the_second_objective_and_marks_the_pareto_front():
     assert best == 1
     assert pareto_front(trials, objectives) == [False, True, True, True, False, False]
     assert pareto_front(trials[:1], objectives[:1]) == [True]
+
+
+def test_front_and_per_choice_means_in_the_summary_plots(base):
+    """Two objectives: the front plot labels each trial and joins the Pareto-optimal ones; a
+    categorical parameter that trials repeat (a grid over seeds) gets its mean per choice."""
+    from debiaslab.sweeps import importance_and_scatter_figures
+
+    _, experiment, _ = base
+    sweep = load_sweep(write_sweep(
+        base[0], experiment, "front", search="grid", num_trials=None,
+        params={"sample.guidance.cfg.omega": {"type": "categorical", "choices": [0.0, 2.0]},
+                "sample.seed_start": {"type": "categorical", "choices": [0, 100]}},
+        second_objective={"metric": "eval/tail_recall", "mode": "max"}))
+    assert sweep.num_trials == 4
+    metrics = {(0.0, 0): (50.0, 0.1), (0.0, 100): (54.0, 0.2), (2.0, 0): (60.0, 0.5),
+               (2.0, 100): (70.0, 0.3)}
+    trials = [{"params": {"sample.guidance.cfg.omega": w, "sample.seed_start": s},
+               "metrics": {"eval/fid": f, "eval/tail_recall": r}}
+              for (w, s), (f, r) in metrics.items()]
+    figures = importance_and_scatter_figures(sweep, trials)
+    assert set(figures) == {"objective_vs_params", "param_importance", "front"}
+    front = figures["front"].axes[0]
+    labels = sorted(t.get_text() for t in front.texts)
+    assert labels == ["omega=0, seed_start=0", "omega=0, seed_start=100",
+                      "omega=2, seed_start=0", "omega=2, seed_start=100"]
+    line = front.get_lines()[0]  # (recall, FID) of the undominated trials, by recall
+    assert list(line.get_xdata()) == [0.1, 0.2, 0.5] and list(line.get_ydata()) == [50, 54, 60]
+    panels = figures["objective_vs_params"].axes
+    assert len(panels) == 4  # 2 objectives x 2 parameters
+    mean = panels[0].get_lines()[0]  # FID vs omega: mean per choice
+    assert list(mean.get_ydata()) == [52.0, 65.0]

@@ -83,6 +83,9 @@ class SweepConfig:
     kind: Literal["sampling", "training"] = "sampling"
     checkpoint: str = ""  # sampling: checkpoint file or run folder (default: the base run)
     params: dict[str, Any] = field(default_factory=dict)
+    # tpe: Optuna's TPE (random for the first startup_trials); grid: every combination of the
+    # categorical choices once (Optuna's GridSampler), e.g. to trace a trade-off curve
+    search: Literal["tpe", "grid"] = "tpe"
     objective: Objective = field(default_factory=lambda: Objective("eval/fid", "min"))
     second_objective: Objective = field(default_factory=Objective)  # metric "" = single
     num_trials: int = 6
@@ -214,6 +217,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
             raise ConfigError(f"params.{key}: a sampling sweep reuses one checkpoint and can only "
                               f"vary {', '.join(s + '*' for s in SAMPLING_SECTIONS)}")
         sweep.specs[key] = spec
+    if sweep.search == "grid":
+        sweep.num_trials = _grid_size(sweep, "num_trials" in raw)
     for values in probe_values(sweep):  # unknown paths / bad values fail here, one line each
         try:
             trial_config(sweep, values, f"{sweep.name}-probe")
@@ -236,6 +241,22 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     return sweep
 
 
+def _grid_size(sweep: SweepConfig, num_trials_given: bool) -> int:
+    """``search: grid`` runs each combination of categorical choices once: their count."""
+    size = 1
+    for key, spec in sweep.specs.items():
+        if spec.type != "categorical":
+            raise ConfigError(f"params.{key}: search: grid needs a categorical choices list, "
+                              f"got type {spec.type}")
+        if len({repr(c) for c in spec.choices}) < len(spec.choices):
+            raise ConfigError(f"params.{key}: choices repeat a value; list each once")
+        size *= len(spec.choices)
+    if num_trials_given and sweep.num_trials != size:
+        raise ConfigError(f"num_trials: search: grid runs each of its {size} combinations once; "
+                          f"drop num_trials or set it to {size}")
+    return size
+
+
 def check_objectives(sweep: SweepConfig, reported: set[str]) -> None:
     """Every objective must be a metric trials report (one line listing what they do)."""
     for obj in sweep.objectives:
@@ -249,38 +270,30 @@ def check_objectives(sweep: SweepConfig, reported: set[str]) -> None:
 
 def importance_and_scatter_figures(sweep: SweepConfig, trials: list[dict[str, Any]]
                                    ) -> dict[str, Any]:
-    """Parameter importance (Optuna's fANOVA on the finished trials) and objective-vs-parameter
-    scatter plots. ``trials``: [{"params": {...}, "metrics": {...}}]."""
+    """Parameter importance (Optuna's fANOVA on the finished trials), every objective against
+    every parameter (with the mean per choice of a categorical one, where trials repeat it),
+    and with two objectives their front. ``trials``: [{"params": {...}, "metrics": {...}}]."""
     import optuna
 
     from debiaslab.report import _new_figure
 
     metric = sweep.objective.metric
-    done = [t for t in trials if t["metrics"].get(metric) is not None
-            and math.isfinite(float(t["metrics"][metric]))]
+    done = [t for t in trials if _finite(t["metrics"].get(metric))]
     figures: dict[str, Any] = {}
     if not done:
         return figures
     paths = list(sweep.specs)
-    cols = min(3, len(paths))
-    rows = math.ceil(len(paths) / cols)
-    fig = _new_figure((max(5.0, 3.4 * cols), 2.9 * rows + 0.4))
-    for i, p in enumerate(paths):
-        ax = fig.add_subplot(rows, cols, i + 1)
-        xs = [t["params"][p] for t in done]
-        ys = [float(t["metrics"][metric]) for t in done]
-        if sweep.specs[p].type == "categorical":
-            labels = [str(c) for c in sweep.specs[p].choices]
-            xs = [labels.index(str(x)) for x in xs]
-            ax.set_xticks(range(len(labels)), labels)
-        ax.scatter(xs, ys, s=18)
-        if sweep.specs[p].type == "log":
-            ax.set_xscale("log")
-        ax.set_xlabel(p)
-        ax.set_ylabel(metric)
-    fig.suptitle(f"{sweep.name}: {metric} vs parameters ({len(done)} trials)", fontsize=10)
+    objectives = sweep.objectives
+    fig = _new_figure((max(5.0, 3.4 * len(paths)), 2.9 * len(objectives) + 0.4))
+    for row, objective in enumerate(objectives):
+        for col, p in enumerate(paths):
+            ax = fig.add_subplot(len(objectives), len(paths), row * len(paths) + col + 1)
+            _objective_vs_param(ax, sweep.specs[p], p, objective.metric, done)
+    fig.suptitle(f"{sweep.name}: objectives vs parameters ({len(done)} trials)", fontsize=10)
     fig.tight_layout()
     figures["objective_vs_params"] = fig
+    if len(objectives) == 2:
+        figures["front"] = front_figure(sweep, done)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = {p: _distribution(s) for p, s in sweep.specs.items()}
@@ -308,6 +321,66 @@ def importance_and_scatter_figures(sweep: SweepConfig, trials: list[dict[str, An
     fig.tight_layout()
     figures["param_importance"] = fig
     return figures
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(float(value))
+
+
+def _objective_vs_param(ax: Any, spec: ParamSpec, path: str, metric: str,
+                        trials: list[dict[str, Any]]) -> None:
+    """One scatter panel; a categorical parameter's choices in their listed order, joined by
+    the mean of the trials at each (where a grid repeats them, e.g. over seeds)."""
+    done = [t for t in trials if _finite(t["metrics"].get(metric))]
+    xs = [t["params"][path] for t in done]
+    ys = [float(t["metrics"][metric]) for t in done]
+    if spec.type == "categorical":
+        labels = [str(c) for c in spec.choices]
+        xs = [labels.index(str(x)) for x in xs]
+        ax.set_xticks(range(len(labels)), labels)
+        means = [(i, sum(y for x, y in zip(xs, ys) if x == i) / xs.count(i))
+                 for i in range(len(labels)) if i in xs]
+        if len(means) < len(xs):
+            ax.plot(*zip(*means), color="0.4", lw=1, label="mean")
+            ax.legend(fontsize=7)
+    ax.scatter(xs, ys, s=18)
+    if spec.type == "log":
+        ax.set_xscale("log")
+    ax.set_xlabel(path)
+    ax.set_ylabel(metric)
+
+
+def front_figure(sweep: SweepConfig, trials: list[dict[str, Any]]) -> Any:
+    """The two objectives against each other, each trial labelled with its parameters, the
+    Pareto front (``pareto_front``) joined by a line."""
+    from debiaslab.report import _new_figure
+
+    first, second = sweep.objectives
+    done = [t for t in trials
+            if _finite(t["metrics"].get(first.metric)) and _finite(t["metrics"].get(second.metric))]
+    fig = _new_figure((6.0, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [float(t["metrics"][second.metric]) for t in done]
+    ys = [float(t["metrics"][first.metric]) for t in done]
+    on = pareto_front([t["metrics"] for t in done], sweep.objectives)
+    ax.scatter(xs, ys, s=22, c=["C3" if o else "C0" for o in on])
+    front = sorted((x, y) for x, y, o in zip(xs, ys, on) if o)
+    if front:
+        ax.plot(*zip(*front), color="C3", lw=1, label="Pareto front")
+        ax.legend(fontsize=8)
+    for t, x, y in zip(done, xs, ys):
+        label = ", ".join(f"{p.rsplit('.', 1)[-1]}={_short(v)}" for p, v in t["params"].items()
+                          if p in sweep.specs)
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(f"{second.metric} ({second.mode})")
+    ax.set_ylabel(f"{first.metric} ({first.mode})")
+    ax.set_title(f"{sweep.name}: {len(done)} trials", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _distribution(spec: ParamSpec) -> Any:

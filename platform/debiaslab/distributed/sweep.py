@@ -288,8 +288,8 @@ def _sampling_checkpoint(sweep: SweepConfig, recorded: dict[str, str]) -> str:
 def run_sweep(sweep_file: str | os.PathLike[str], overrides: list[str] | None = None, *,
               ops: TrialOps, progress: bool = True) -> SweepResult:
     """Run (or resume) the sweep of ``sweep_file``: validate everything first, then Tune with
-    OptunaSearch (TPE; multi-objective with a second objective) and optional ASHA, each trial
-    logging to an MLflow child run of the sweep's parent run."""
+    OptunaSearch (TPE, multi-objective with a second objective, or a grid) and optional ASHA,
+    each trial logging to an MLflow child run of the sweep's parent run."""
     from debiaslab.sweeps import load_sweep
 
     sweep = load_sweep(sweep_file, overrides)
@@ -344,7 +344,8 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
                      run_id=parent_id, end_run=True)
     with parent:
         if parent_id is None:
-            parent.log_params({"sweep.kind": sweep.kind, "sweep.num_trials": sweep.num_trials,
+            parent.log_params({"sweep.kind": sweep.kind, "sweep.search": sweep.search,
+                               "sweep.num_trials": sweep.num_trials,
                                "sweep.objective": sweep.objective.metric,
                                "sweep.experiment": sweep.experiment,
                                **{f"space.{k}": json.dumps(dataclasses.asdict(v))
@@ -367,8 +368,10 @@ def _tune(sweep: SweepConfig, sweep_file: str, overrides: list[str], checkpoint:
             multi = len(objectives) > 1
             import optuna
 
-            sampler = optuna.samplers.TPESampler(seed=sweep.seed,
-                                                 n_startup_trials=sweep.startup_trials)
+            sampler = (optuna.samplers.GridSampler(
+                {path: list(spec.choices) for path, spec in sweep.specs.items()}, seed=sweep.seed)
+                if sweep.search == "grid" else
+                optuna.samplers.TPESampler(seed=sweep.seed, n_startup_trials=sweep.startup_trials))
             searcher = OptunaSearch(
                 metric=[o.metric for o in objectives] if multi else metric,
                 mode=[o.mode for o in objectives] if multi else mode, sampler=sampler)
