@@ -17,7 +17,8 @@ Prints a markdown table of mean ± 95% t half-width over the seeds (FID against 
 precision, recall, the bias statistic's TV to the reference and to the biased shares, and the
 minority share: the summed sample share of the subgroups rarer in the biased set than in the
 reference), and writes OUT/tiw_<setting>.png: FID against TV to the reference, one point per
-method with both intervals.
+method with both intervals. Then the weights of the TIW run's discriminator (seed 0) on the
+biased set: over sigma, and per subgroup (where they put the minority's share).
 """
 
 from __future__ import annotations
@@ -114,6 +115,47 @@ def weights_of_run(cfg) -> dict:
         cfg, inputs={"discriminator": {"path": path, "hash": ""}}))
     x = from_uint8(ImageDataset.load(cfg.dataset_path / BIASED_NAME).images)
     return weight_diagnostics(disc, x, SIGMAS.tolist())
+
+
+SUBGROUP_SIGMAS = (0.1, 0.5, 1.0, 2.0)
+
+
+def subgroup_weights(cfg, stat: dict) -> list[tuple[str, float, float, float]]:
+    """Where the weights go: on the biased set, the mean weight on the minority images (the
+    subgroups rarer there than in the reference), on the rest, and the minority's share of the
+    summed weight; clean (IW-DSM's w(x0)) and at SUBGROUP_SIGMAS (TIW's w_t, one noise draw).
+    A calibrated ratio gives the minority the reference's share."""
+    import dataclasses
+
+    import torch
+
+    from debiaslab.data.pixels import from_uint8
+    from debiaslab.methods.tiw_dsm import iw_weight, load_discriminator, tiw_terms
+    from debiaslab.records import recorded_outputs
+
+    path = recorded_outputs(cfg)["discriminator"]
+    disc = load_discriminator(dataclasses.replace(
+        cfg, inputs={"discriminator": {"path": path, "hash": ""}}))
+    data = ImageDataset.load(cfg.dataset_path / BIASED_NAME)
+    x = from_uint8(data.images)
+    by = stat["by"]
+    groups = (data.labels.numpy() if by == "class" else
+              data.attributes.numpy()[:, list(data.attr_names).index(by.split(":", 1)[1])])
+    rarer = [g for g, (b, r) in enumerate(zip(stat["biased"], stat["reference"])) if b < r]
+    minority = torch.from_numpy(np.isin(groups, rarer))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for sigma in (0.0, *SUBGROUP_SIGMAS):
+        if sigma == 0.0:
+            w = torch.cat([iw_weight(disc, x[i:i + 256]) for i in range(0, len(x), 256)])
+        else:
+            w = torch.cat([tiw_terms(disc, x[i:i + 256] + sigma * noise[i:i + 256],
+                                     torch.full((len(x[i:i + 256]),), sigma)).weight
+                           for i in range(0, len(x), 256)])
+        w = w.double()
+        rows.append(("clean" if sigma == 0.0 else f"{sigma:g}", float(w[minority].mean()),
+                     float(w[~minority].mean()), float(w[minority].sum() / w.sum())))
+    return rows
 
 
 GRID_SAMPLES = 24
@@ -262,6 +304,18 @@ def main() -> None:
         path = args.output_dir / f"tiw_weights_{args.setting}.png"
         plot_weights(diag, args.setting, path)
         print(f"plot: {path}")
+        saved = first[0].run_dir / "eval" / f"eval_{first[0].sample.samplers[0]}.json"
+        stat = json.loads(saved.read_text())["meta"]["bias_statistic"]
+        if "+" not in stat["by"]:
+            ref = sum(r for b, r in zip(stat["biased"], stat["reference"]) if b < r)
+            bia = sum(b for b, r in zip(stat["biased"], stat["reference"]) if b < r)
+            print(f"\nweights per subgroup on the biased set (minority: {stat['by']} rarer in "
+                  f"it than in the reference; calibrated: mean {ref / bia:.3g} on the minority, "
+                  f"{(1 - ref) / (1 - bia):.3g} on the rest, minority weight share {ref:.3f})")
+            print("| sigma | mean weight, minority | mean weight, rest | minority share of the "
+                  "weight |\n|---|---|---|---|")
+            for level, w_min, w_rest, share in subgroup_weights(first[0], stat):
+                print(f"| {level} | {w_min:.3f} | {w_rest:.3f} | {share:.3f} |")
 
 
 if __name__ == "__main__":
