@@ -34,6 +34,7 @@ import numpy as np
 from debiaslab import plugins
 from debiaslab.compare import Summary
 from debiaslab.data.dataset import ImageDataset
+from debiaslab.data.pixels import from_uint8
 from debiaslab.data.sources import BIASED_NAME
 from debiaslab.experiment import seed_configs
 from debiaslab.quickstart import run_experiments
@@ -83,14 +84,24 @@ def configs(setting: str, methods: list[str], seeds: list[int], output_dir: Path
     return dict(sorted(out.items(), key=lambda item: (item[0][1], methods.index(item[0][0]))))
 
 
+def bias_statistic(cfg) -> dict:
+    """The bias statistic the run's evaluation recorded (subgroup names and shares)."""
+    saved = cfg.run_dir / "eval" / f"eval_{cfg.sample.samplers[0]}.json"
+    return json.loads(saved.read_text())["meta"]["bias_statistic"]
+
+
+def rarer_groups(stat: dict) -> list[int]:
+    """The subgroups rarer in the biased set than in the reference (the minority)."""
+    return [g for g, (b, r) in enumerate(zip(stat["biased"], stat["reference"])) if b < r]
+
+
 def evaluation(cfg) -> dict[str, float]:
     """The evaluate stage's recorded metrics, plus the minority share, from the bias statistic
     the evaluation recorded (its samples', reference's and biased set's subgroup shares)."""
     record = json.loads((cfg.run_dir / RECORD_DIR / "evaluate.json").read_text())
     metrics = dict(record["metrics"])
-    saved = cfg.run_dir / "eval" / f"eval_{cfg.sample.samplers[0]}.json"
-    stat = json.loads(saved.read_text())["meta"]["bias_statistic"]
-    rarer = [g for g, (b, r) in enumerate(zip(stat["biased"], stat["reference"])) if b < r]
+    stat = bias_statistic(cfg)
+    rarer = rarer_groups(stat)
     metrics["minority_share"] = float(sum(stat["samples"][g] for g in rarer))
     metrics["minority_groups"] = [stat["names"][g] for g in rarer]
     metrics["minority_share_reference"] = float(sum(stat["reference"][g] for g in rarer))
@@ -104,17 +115,23 @@ SIGMAS = np.geomspace(0.002, 80.0, 25)
 def weights_of_run(cfg) -> dict:
     """methods.tiw_dsm.weight_diagnostics of the run's discriminator on the biased set, over a
     fine sigma grid."""
+    from debiaslab.methods.tiw_dsm import weight_diagnostics
+
+    disc, data = discriminator_and_biased_set(cfg)
+    return weight_diagnostics(disc, from_uint8(data.images), SIGMAS.tolist())
+
+
+def discriminator_and_biased_set(cfg) -> tuple:
+    """The run's recorded discriminator and the biased set it weighs."""
     import dataclasses
 
-    from debiaslab.data.pixels import from_uint8
-    from debiaslab.methods.tiw_dsm import load_discriminator, weight_diagnostics
+    from debiaslab.methods.tiw_dsm import load_discriminator
     from debiaslab.records import recorded_outputs
 
     path = recorded_outputs(cfg)["discriminator"]
     disc = load_discriminator(dataclasses.replace(
         cfg, inputs={"discriminator": {"path": path, "hash": ""}}))
-    x = from_uint8(ImageDataset.load(cfg.dataset_path / BIASED_NAME).images)
-    return weight_diagnostics(disc, x, SIGMAS.tolist())
+    return disc, ImageDataset.load(cfg.dataset_path / BIASED_NAME)
 
 
 SUBGROUP_SIGMAS = (0.1, 0.5, 1.0, 2.0)
@@ -125,24 +142,14 @@ def subgroup_weights(cfg, stat: dict) -> list[tuple[str, float, float, float]]:
     subgroups rarer there than in the reference), on the rest, and the minority's share of the
     summed weight; clean (IW-DSM's w(x0)) and at SUBGROUP_SIGMAS (TIW's w_t, one noise draw).
     A calibrated ratio gives the minority the reference's share."""
-    import dataclasses
-
     import torch
 
-    from debiaslab.data.pixels import from_uint8
-    from debiaslab.methods.tiw_dsm import iw_weight, load_discriminator, tiw_terms
-    from debiaslab.records import recorded_outputs
+    from debiaslab.methods.tiw_dsm import _truth, iw_weight, tiw_terms
 
-    path = recorded_outputs(cfg)["discriminator"]
-    disc = load_discriminator(dataclasses.replace(
-        cfg, inputs={"discriminator": {"path": path, "hash": ""}}))
-    data = ImageDataset.load(cfg.dataset_path / BIASED_NAME)
+    disc, data = discriminator_and_biased_set(cfg)
     x = from_uint8(data.images)
-    by = stat["by"]
-    groups = (data.labels.numpy() if by == "class" else
-              data.attributes.numpy()[:, list(data.attr_names).index(by.split(":", 1)[1])])
-    rarer = [g for g, (b, r) in enumerate(zip(stat["biased"], stat["reference"])) if b < r]
-    minority = torch.from_numpy(np.isin(groups, rarer))
+    _, groups = _truth(stat["by"], data, str(cfg.dataset_path / BIASED_NAME))
+    minority = torch.from_numpy(np.isin(groups, rarer_groups(stat)))
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     rows = []
     for sigma in (0.0, *SUBGROUP_SIGMAS):
@@ -304,11 +311,10 @@ def main() -> None:
         path = args.output_dir / f"tiw_weights_{args.setting}.png"
         plot_weights(diag, args.setting, path)
         print(f"plot: {path}")
-        saved = first[0].run_dir / "eval" / f"eval_{first[0].sample.samplers[0]}.json"
-        stat = json.loads(saved.read_text())["meta"]["bias_statistic"]
+        stat = bias_statistic(first[0])
         if "+" not in stat["by"]:
-            ref = sum(r for b, r in zip(stat["biased"], stat["reference"]) if b < r)
-            bia = sum(b for b, r in zip(stat["biased"], stat["reference"]) if b < r)
+            ev = evaluation(first[0])
+            ref, bia = ev["minority_share_reference"], ev["minority_share_biased"]
             print(f"\nweights per subgroup on the biased set (minority: {stat['by']} rarer in "
                   f"it than in the reference; calibrated: mean {ref / bia:.3g} on the minority, "
                   f"{(1 - ref) / (1 - bia):.3g} on the rest, minority weight share {ref:.3f})")
