@@ -31,7 +31,7 @@ TINY = ["model.model_channels=16", "model.channel_mult=[1,2]", "model.attention_
         "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=100",
         "tracking.enabled=false"]
 FAKE_HASH = "0" * 64
-LATER_SECTIONS = ("tiw", "discriminator")  # sections of methods added after the digest
+LATER_SECTIONS = ("tiw", "discriminator", "ba", "h_classifier")  # methods added after it
 # config keys added after the digest was written, left out of the config hash at their default
 # value; the data stage's key does include data.reference_count and data.train_on, so its stored
 # keys were recomputed when each was added (issue 19), and only the ``:data`` entries changed;

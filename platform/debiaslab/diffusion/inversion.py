@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ class Inversion:
 
     latents: Tensor  # x at the noisiest grid timestep: what the ddim sampler starts from
     trajectory: list[Tensor]  # [x0, x_{t_1}, ..., x_{t_N}], N + 1 states; the last is ``latents``
-    timesteps: Tensor  # int64 [N], t_1 < ... < t_N: the ddim sampler's grid, ascending
+    timesteps: Tensor  # int64 [N], t_1 < ... < t_N: the timestep eps was evaluated at, per step
     records: list[Any] = field(default_factory=list)  # callback's return value per step, or []
 
 
@@ -41,6 +41,7 @@ def ddim_invert(
     cond: dict[str, Any] | None = None,
     callback: StepCallback | None = None,
     device: torch.device | str | None = None,
+    eps_at: Literal["target", "current"] = "target",
 ) -> Inversion:
     """DDIM inversion: Song et al. 2021, Eq. 12 with eta = 0 (Eq. 13-14: x/sqrt(abar) moves by
     eps d sqrt((1 - abar)/abar)) integrated towards noise (§5.4), as in Mokady et al. 2023
@@ -60,6 +61,13 @@ def ddim_invert(
     per step, which vanishes as the steps shrink. No x0 clipping (the ddim sampler's
     ``clip_x0=False`` is the matching one; a clip is not invertible).
 
+    ``eps_at="current"`` is the Asyrp / Balancing Act convention instead (Kwon et al. 2023,
+    Parihar et al. 2024, docs/algorithms.md §3.2): x0 is the state AT the first grid timestep
+    t_1 (abar_{t_1}, not 1), and each step evaluates eps at its own start, eps(x_{t_i}, t_i), to
+    reach x_{t_{i+1}}: N - 1 steps, whose records hold h(x_{t_i}, t_i) for t_1 .. t_{N-1}: the
+    bottleneck at the very (state, timestep) pairs the sampler meets. ``timesteps`` are then the
+    N - 1 evaluation timesteps and the last state is x_{t_N}.
+
     x0 [B, C, H, W] is cast to the samplers' state dtype (float64 for a float64 network, else
     float32) on ``device`` (default: the network's). ``callback`` gets {"i", "t" = t_i, "x" =
     x_{t_i}, "denoised" = x0_hat} after each step (see ``samplers.StepCallback``); its return
@@ -71,9 +79,17 @@ def ddim_invert(
                           f"got {got}")
     schedule = denoiser.schedule
     _check_steps(steps, schedule.num_timesteps)
-    ts = schedule.timesteps(steps, spacing).flip(0)  # ascending
-    abar = schedule.alphas_cumprod[ts]
-    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])  # abar of the state each step starts at
+    grid = schedule.timesteps(steps, spacing).flip(0)  # ascending
+    levels = schedule.alphas_cumprod[grid]
+    if eps_at == "target":  # from abar = 1 through every grid level; eps at the step's end
+        ts, abar, abar_prev = grid, levels, torch.cat([levels.new_ones(1), levels[:-1]])
+    elif eps_at == "current":  # from x0 at the first level; eps at the step's start
+        if steps < 2:
+            raise ConfigError("ddim_invert eps_at=current needs steps >= 2 (x0 sits at the "
+                              "first grid timestep)")
+        ts, abar, abar_prev = grid[:-1], levels[1:], levels[:-1]
+    else:
+        raise ConfigError(f"ddim_invert eps_at: target or current, got {eps_at!r}")
     dev, dtype = _resolve_device_dtype(denoiser, device)
     cond = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in (cond or {}).items()}
 
@@ -81,7 +97,7 @@ def ddim_invert(
     with torch.no_grad():
         x = x0.detach().to(dev, dtype)
         trajectory = [x]
-        for i in range(steps):
+        for i in range(len(ts)):
             eps = denoiser(x, _timestep_batch(ts[i], len(x), dev), **cond)
             a_cur, a_next = float(abar_prev[i]), float(abar[i])
             x0_hat = (x - math.sqrt(1.0 - a_cur) * eps) / math.sqrt(a_cur)

@@ -12,6 +12,7 @@ register_recipe(Recipe(
                 "configured guidance"))
 
 from debiaslab.methods import (  # noqa: E402,F401
+    balancing_act,
     cbdm,
     classifier_guidance,
     debias,

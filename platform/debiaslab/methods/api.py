@@ -13,8 +13,8 @@ its recipe from these pieces only (never from the internals of stages, recipes o
   section, run, artifact and :class:`AuxModelKind`: how it trains and validates, a classifier
   by default), :func:`side_table_stage` (a Ray Data or local map of the dataset to
   side-table columns);
-- registries of the foundation: LOSSES, WEIGHTINGS, GUIDANCE, NETS, and :class:`Registry` for the
-  method's own;
+- registries of the foundation: LOSSES, WEIGHTINGS, GUIDANCE, NETS, SPACINGS (sampler
+  grids), and :class:`Registry` for the method's own;
 - :func:`log` for status lines, :func:`progress` for bars.
 
 docs/architecture.md lists where each kind of component registers.
@@ -29,6 +29,7 @@ from debiaslab.config import (
 )
 from debiaslab.diffusion.guidance import GUIDANCE
 from debiaslab.diffusion.losses import LOSSES
+from debiaslab.diffusion.schedules import SPACINGS
 from debiaslab.diffusion.weighting import WEIGHTINGS
 from debiaslab.nets import NETS
 from debiaslab.progress import log, progress
@@ -44,8 +45,8 @@ from debiaslab.recipes import (
 from debiaslab.registry import Registry
 from debiaslab.stages import AuxModelKind, aux_model_stage, diffusion_stages, side_table_stage
 
-__all__ = ["GUIDANCE", "LOSSES", "NETS", "WEIGHTINGS", "AuxModelKind", "ClassifierConfig",
-           "ExperimentConfig",
+__all__ = ["GUIDANCE", "LOSSES", "NETS", "SPACINGS", "WEIGHTINGS", "AuxModelKind",
+           "ClassifierConfig", "ExperimentConfig",
            "Recipe", "Registry", "Stage", "StageOutput", "aux_model_stage", "diffusion_stages",
            "log", "make_artifact", "progress", "recorded_outputs", "register_recipe",
            "register_section", "register_validator", "requires", "side_table_stage",

@@ -281,7 +281,7 @@ def _score_prepare(cfg: ExperimentConfig, ctx: Any) -> None:
     build_distance(settings["distance"], settings["distance_options"], where=DISTANCE_OPTIONS)
 
 
-def _score_schema() -> Any:
+def _score_schema(cfg: ExperimentConfig, ctx: Any) -> Any:
     import pyarrow as pa
 
     return pa.schema([("id", pa.string()), ("score", pa.float32())])

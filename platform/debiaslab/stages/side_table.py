@@ -11,7 +11,8 @@ from debiaslab.config import ExperimentConfig
 
 def side_table_stage(name: str, *, output: str, table: Callable[[ExperimentConfig], str],
                      mapper: type, mapper_kwargs: Callable[[ExperimentConfig, Any], dict],
-                     schema: Callable[[], Any], inputs: dict[str, str] | None = None,
+                     schema: Callable[[ExperimentConfig, Any], Any],
+                     inputs: dict[str, str] | None = None,
                      keys: tuple[str, ...] = (),
                      producer: Callable[[ExperimentConfig, Any], dict] | None = None,
                      prepare: Callable[[ExperimentConfig, Any], None] | None = None,
@@ -22,7 +23,7 @@ def side_table_stage(name: str, *, output: str, table: Callable[[ExperimentConfi
     same batches in this process (local). Writes side table ``table(cfg)`` of the dataset as
     artifact ``output``.
 
-    ``schema()``: the pyarrow schema of the mapper's output (``id`` plus its columns);
+    ``schema(cfg, ctx)``: the pyarrow schema of the mapper's output (``id`` plus its columns);
     ``producer``: what computed the table (recorded in it); ``prepare``: runs first in this
     process (checks options, fills caches the actors read); ``summary``: metrics of the written
     table (logged to the stage's run and copied to the parent)."""
@@ -35,6 +36,7 @@ def side_table_stage(name: str, *, output: str, table: Callable[[ExperimentConfi
         kwargs = mapper_kwargs(cfg, ctx)
         info = producer(cfg, ctx) if producer is not None else {}
         name_ = table(cfg)
+        out_schema = schema(cfg, ctx)
         if prepare is not None:
             prepare(cfg, ctx)
         d = cfg.distributed
@@ -44,14 +46,14 @@ def side_table_stage(name: str, *, output: str, table: Callable[[ExperimentConfi
 
             with ray_session(d.address, object_store_memory_gb=d.object_store_memory_gb):
                 folder = map_to_side_table(
-                    dataset, name_, mapper, kwargs, schema(), producer=info,
+                    dataset, name_, mapper, kwargs, out_schema, producer=info,
                     read_columns=["id", "image", "label"], decode=True,
                     concurrency=d.map_concurrency, batch_size=d.map_batch_size,
                     num_cpus=d.map_num_cpus, num_gpus=d.map_num_gpus, progress=ctx.progress)
         else:
             from debiaslab.data.side_tables import map_dataset, write_side_table
 
-            columns = [f.name for f in schema() if f.name != "id"]
+            columns = [f.name for f in out_schema if f.name != "id"]
             ids, values = map_dataset(dataset, mapper(**kwargs), columns,
                                       batch_size=d.map_batch_size, progress=ctx.progress,
                                       desc=name)
