@@ -1043,7 +1043,17 @@ def guided_targets(cfg: ExperimentConfig, sizes: dict[str, int]) -> dict[str, np
     return out
 
 
-def _predicted(part: str, ext: Any, extractor: Any) -> np.ndarray:
+def _predicted(cfg: ExperimentConfig, part: str, k: int, samples: Any, extractor: Any,
+               cache: dict[str, Any]) -> np.ndarray:
+    """The samples' classes of ``part``: metrics.subgroup_classifier's (one attribute), or the
+    evaluation extractor's heads."""
+    if cfg.metrics.subgroup_classifier:
+        from debiaslab.methods.tiw_dsm import classify_subgroups
+
+        return classify_subgroups(cfg.metrics.subgroup_classifier, samples.images, part, k)[0]
+    if "ext" not in cache:
+        cache["ext"] = extractor.extract(samples.images, batch_size=cfg.metrics.batch_size)
+    ext = cache["ext"]
     if part == "class":
         return np.asarray(ext.classes)
     name = part.split(":", 1)[1]
@@ -1054,7 +1064,8 @@ def attribute_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
                          inputs: dict[str, str]) -> tuple[dict[str, float], dict[str, Any]]:
     """Recipe.evaluation (§3.8): each attribute's predicted proportions in the samples (the
     evaluation extractor's attribute heads) against the guidance's target and the training
-    set. Metrics ``ba/fd_target_<attr>`` = ||p_gen - p_target||_2 (Choi et al.'s FD with
+    set (metrics.subgroup_classifier predicts a single attribute where the extractor cannot).
+    Metrics ``ba/fd_target_<attr>`` = ||p_gen - p_target||_2 (Choi et al.'s FD with
     the target in place of uniform; the usual ``eval/fd_<attr>`` measures against uniform),
     ``ba/fd_target_joint`` over the joint classes against the product of the targets, and every
     share. Figure ``attributes``: the proportions beside p_ref."""
@@ -1069,13 +1080,13 @@ def attribute_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
     truth = {p: dataset_labels(train, p) for p in parts}
     sizes = {p: len(names) for p, (_, names) in truth.items()}
     target = guided_targets(cfg, sizes)
-    ext = extractor.extract(samples.images, batch_size=cfg.metrics.batch_size)
+    cache: dict[str, Any] = {}
     metrics: dict[str, float] = {}
     names, series = [], {"training set": [], "target (p_ref)": [], "samples": []}
     joint_gen, joint_target = np.zeros(len(samples.images), np.int64), np.ones(1)
     for p in parts:
         k, short = sizes[p], p.split(":", 1)[-1]
-        pred = _predicted(p, ext, extractor)
+        pred = _predicted(cfg, p, k, samples, extractor, cache)
         p_gen = np.bincount(pred, minlength=k) / max(len(pred), 1)
         labels = truth[p][0]
         p_train = np.bincount(labels[labels >= 0], minlength=k) / max((labels >= 0).sum(), 1)
@@ -1102,15 +1113,23 @@ def attribute_evaluation(cfg: ExperimentConfig, samples: Any, extractor: Any,
 
 
 def check_attribute_predictor(cfg: ExperimentConfig, parts: Sequence[str]) -> None:
-    """The evaluation extractor must predict every guided attribute (checked before training)."""
+    """The evaluation extractor must predict every guided attribute, or
+    metrics.subgroup_classifier the single one (checked before training)."""
     from debiaslab.metrics.features import PREDICTIONS, register_builtin_extractors
 
+    if cfg.metrics.subgroup_classifier:
+        if len(parts) > 1:
+            raise ConfigError(f"metrics.subgroup_classifier: predicts one label; "
+                              f"h_classifier.label {'+'.join(parts)} has {len(parts)}: use an "
+                              f"extractor that predicts each")
+        return
     register_builtin_extractors()
     missing = [p for p in parts if p not in PREDICTIONS.get(cfg.metrics.extractor, ())]
     if missing:
         raise ConfigError(f"metrics.extractor={cfg.metrics.extractor}: does not predict "
                           f"{', '.join(missing)} (h_classifier.label); use an extractor with "
-                          f"attribute heads for it (e.g. digits)")
+                          f"attribute heads for it (e.g. digits), or set "
+                          f"metrics.subgroup_classifier")
 
 
 # ----------------------------------------------------------------------------------- recipe
