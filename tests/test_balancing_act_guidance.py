@@ -20,7 +20,6 @@ from debiaslab.methods.balancing_act import (
     AttributeTerms,
     BAGuidanceSpec,
     HHeads,
-    HSpaceAttributeGuidance,
     attribute_probs,
     ba_grid,
     distribution_loss,
