@@ -83,3 +83,22 @@ def test_build_writes_both_sets_and_they_read_back_with_a_source_column(tmp_path
 def test_a_negative_count_is_a_one_line_config_error():
     with pytest.raises(ConfigError, match="data.reference_count: must be >= 0"):
         load_config(None, ["data.reference_count=-3"])
+
+
+def test_a_joint_attribute_bias_skews_the_group_where_every_attribute_is_one(tmp_path):
+    """bias_attribute bold+even: 90% of the biased set is bold AND even, the reference is
+    balanced between that joint group and the rest; an unknown part is a one-line error."""
+    from debiaslab.data.dataset import ImageDataset
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "data.imbalance=attribute_bias",
+                             "data.bias_attribute=bold+even", "data.bias_ratio=0.9"])
+    build_data(cfg)
+    for name, share in (("biased", 0.9), ("reference", 0.5)):
+        data = ImageDataset.load(cfg.dataset_path / name)
+        joint = data.attributes.numpy().astype(bool).all(1)
+        assert joint.mean() == pytest.approx(share, abs=0.01), name
+    bad = load_config(None, [f"output_dir={tmp_path}", "data.imbalance=attribute_bias",
+                             "data.bias_attribute=bold+nope", "name=bad"])
+    with pytest.raises(DataError, match=r"unknown attribute 'nope'") as info:
+        build_data(bad)
+    assert "\n" not in str(info.value)

@@ -42,6 +42,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, stages: Any 
     from debiaslab.runlock import run_lock
 
     def preflight(c: ExperimentConfig) -> None:
+        from debiaslab.recipes import get_recipe
+
+        if not any(s.name == "train" for s in get_recipe(c).stages):
+            return  # a recipe without a score model (e.g. subgroup_classifier)
         if not stages or "train" in stages:
             if (train_data_path(c) / "dataset.json").is_file():
                 check_resumable(c)  # before an MLflow run records a config that won't apply

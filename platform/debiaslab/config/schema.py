@@ -23,7 +23,7 @@ class DataConfig:
     source_options: dict[str, Any] = field(default_factory=dict)
     imbalance: str = "long_tail"  # data.sources.IMBALANCES
     imb_factor: float = 0.1
-    bias_attribute: str = ""
+    bias_attribute: str = ""  # attribute_bias: a name, or names joined by + (a joint bias)
     bias_ratio: float = 0.9
     reference_fraction: float = 0.05  # of the source's images (attribute_bias, long_tail_reference)
     reference_count: int = 0  # > 0: the reference set's size, instead of reference_fraction

@@ -616,14 +616,23 @@ def _long_tail(data: ImageArrays, spec: ImbalanceSpec) -> dict[str, np.ndarray]:
     }
 
 
+def bias_column(data: ImageArrays, attribute: str | int) -> np.ndarray:
+    """The 0/1 column an attribute bias skews: one attribute (name or index), or a joint one,
+    names joined by "+" (e.g. ``bold+even``): 1 where every named attribute is 1, so a 90/10
+    bias puts 90% of the biased set in that one joint group."""
+    parts = attribute.split("+") if isinstance(attribute, str) else [attribute]
+    columns = [data.attributes[:, _attr_index(p, data.attr_names, "bias_attribute")]
+               for p in parts]
+    return np.logical_and.reduce([c == 1 for c in columns]).astype(np.int8)
+
+
 @IMBALANCES.register(IMBALANCE_ATTRIBUTE_BIAS)
 def _attribute_bias(data: ImageArrays, spec: ImbalanceSpec) -> dict[str, np.ndarray]:
     if spec.bias_attribute is None:
         raise DataError("attribute_bias needs bias_attribute (an attribute name or index)")
-    index = _attr_index(spec.bias_attribute, data.attr_names, "bias_attribute")
     biased, reference = attribute_bias_indices(
-        data.attributes[:, index], spec.bias_ratio, spec.reference_fraction, spec.seed,
-        spec.reference_count
+        bias_column(data, spec.bias_attribute), spec.bias_ratio, spec.reference_fraction,
+        spec.seed, spec.reference_count
     )
     return {BIASED_NAME: biased, REFERENCE_NAME: reference}
 

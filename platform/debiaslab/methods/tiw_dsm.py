@@ -694,7 +694,9 @@ def subgroup_of(cfg: ExperimentConfig) -> str:
     builds). Parts joined by "+" are counted jointly (e.g. ``class+attr:bold``)."""
     if cfg.metrics.subgroups:
         return cfg.metrics.subgroups
-    return f"attr:{cfg.data.bias_attribute}" if cfg.data.imbalance == "attribute_bias" else "class"
+    if cfg.data.imbalance == "attribute_bias":  # a joint bias (bold+even) counts each part
+        return "+".join(f"attr:{a}" for a in cfg.data.bias_attribute.split("+"))
+    return "class"
 
 
 def subgroup_parts(by: str) -> list[str]:

@@ -44,10 +44,13 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
     out = Path(out_dir) if out_dir else cfg.run_dir / "samples"
     seeds = list(range(s.seed_start, s.seed_start + s.num_samples))
     guidance = resolve_guidance(cfg, classifier=classifier, artifacts=artifacts)
+    write_sampling_record(out, cfg, guidance)
     if guidance and tracker is not None:
         import json
 
         tracker.set_tag("sample.guidance", json.dumps(guidance))
+        # a batch-coupled guidance (Balancing Act's p_hat) means something else at another size
+        tracker.set_tag("sample.guidance_batch_size", str(s.batch_size))
     result = StageResult(run_dir=cfg.run_dir, checkpoint=trained.checkpoint)
     for name in s.samplers:
         t0 = time.perf_counter()
@@ -82,6 +85,25 @@ def sample(cfg: ExperimentConfig, checkpoint: str | Path | None = None, *, track
             tracker.log_metrics({f"sample/{name}/images_per_sec": len(seeds) / seconds},
                                 step=trained.step)
     return result
+
+
+def write_sampling_record(out: Path, cfg: ExperimentConfig, guidance: list[dict[str, Any]]
+                          ) -> Path:
+    """``sampling.json`` beside the sample sets: samplers, steps, options, seeds and the resolved
+    guidance with every field (scale mode, window, ...), and the guidance batch: the images a
+    batch-coupled guidance sees at once (``sample.batch_size``, on both sampling paths)."""
+    import json
+
+    from debiaslab.fileio import write_text_atomic
+
+    s = cfg.sample
+    record = {"samplers": list(s.samplers), "steps": s.steps, "options": s.options,
+              "seeds": [s.seed_start, s.seed_start + s.num_samples],
+              "guidance_batch_size": s.batch_size, "guidance": guidance}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sampling.json"
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True, default=str))
+    return path
 
 
 def sample_on_ray(cfg: ExperimentConfig, checkpoint: Path, sampler: str, out: Path,

@@ -137,13 +137,19 @@ def evaluation_metrics(evaluation: dict[str, Any], prefix: str = "val") -> dict[
 
 def plot_classifier_evaluation(evaluation: dict[str, Any], title: str = "") -> Any:
     """A matplotlib Figure of validation accuracy (left axis) and cross-entropy (right axis) per
-    timestep bucket (no pyplot state: save it with ``fig.savefig``)."""
+    timestep bucket, with a line per label when the evaluation has ``accuracy_by`` (no pyplot
+    state: save it with ``fig.savefig``)."""
     from matplotlib.figure import Figure
 
     mid = [(lo + hi) / 2 for lo, hi in zip(evaluation["t_lo"], evaluation["t_hi"])]
     fig = Figure(figsize=(6.0, 3.5), layout="constrained")
     ax = fig.add_subplot()
     ax.plot(mid, evaluation["accuracy"], "o-", color="tab:blue", label="accuracy")
+    by = evaluation.get("accuracy_by") or {}
+    if len(by) > 1:  # several labels (e.g. per-attribute heads): one thin line each
+        for name, values in by.items():
+            ax.plot(mid, values, "-", lw=0.8, alpha=0.7, label=name)
+        ax.legend(loc="lower left", fontsize=7)
     ax.set_xlabel("timestep t (bucket centre)")
     ax.set_ylabel("validation accuracy", color="tab:blue")
     ax.set_ylim(0.0, 1.02)
