@@ -110,7 +110,7 @@ def test_a_table_that_does_not_fit_the_heads_is_one_line(local_run):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["ba.keep_steps=[5]"], r"ba.keep_steps: 5 is not a recorded timestep .*\(0, 199, ..., 799\)"),
+    (["ba.keep_steps=[5]"], r"ba.keep_steps: 5 is not a recorded timestep;.*\(0, 199, ..., 799\)"),
     (["ba.n_steps=1"], r"ba.n_steps: must be in \[2, 1000\]"),
     (["h_classifier.label=attr:nope"], r"does not predict attr:nope \(h_classifier.label\)"),
     (["h_classifier.model.options={grid: [0]}"], r"h_classifier.model.options.grid: set from"),
@@ -152,3 +152,19 @@ def test_ray_paths_equal_the_local_ones(shared_ray, local_run, tmp_path):
     local = ImageDataset.load(here.artifacts["samples_ddim"])
     assert on_ray.ids == local.ids
     assert torch.equal(on_ray.images, local.images)
+
+
+def test_the_image_space_baselines_classifier_trains_on_the_built_data(local_run):
+    """recipe subgroup_classifier on a dataset that already exists (the baseline's classifier
+    of clean images, trained beside a Balancing Act run): it has no train stage, so no score
+    model checkpoint is looked for."""
+    cfg, _ = local_run
+    clf = load_config(None, SMALL + [
+        f"output_dir={cfg.output_dir}", "recipe=subgroup_classifier", "name=ba_clf",
+        "classifier.label=attr:bold", "classifier.timestep_range=[0, 0]",
+        "classifier.val_buckets=1", "classifier.model.model_channels=8",
+        "classifier.model.channel_mult=[1]", "classifier.model.attention_resolutions=[]",
+        "classifier.train.steps=2", "classifier.train.batch_size=16",
+        "classifier.train.checkpoint_every=2", "distributed.backend=local"])
+    result = run_experiment(clf, progress=False)
+    assert "classifier/val/accuracy" in result.metrics

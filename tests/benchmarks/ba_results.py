@@ -62,7 +62,7 @@ def base_overrides(setting: str, output_dir: str, num_samples: int, extra: list[
             f"h_classifier.label={'+'.join(f'attr:{a}' for a in attrs)}",
             f"sample.num_samples={num_samples}",
             f"sample.guidance=[{{type: balancing_act, scale: 1.0, p_ref: {p_ref}}}]",
-            f"name=digits_ba_{setting}", *extra]
+            f"name={'digits_ba' if setting == 'one' else 'digits_ba_' + setting}", *extra]
 
 
 def variants(setting: str, args: argparse.Namespace, classifiers: dict[str, str]) -> dict:
@@ -119,9 +119,9 @@ def main() -> None:
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="one")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--num-samples", type=int, default=500)
-    ap.add_argument("--scale-distribution", type=float, default=2.0)
-    ap.add_argument("--scale-sample", type=float, default=2.0)
-    ap.add_argument("--scale-image", type=float, default=2.0)
+    ap.add_argument("--scale-distribution", type=float, default=16.0)
+    ap.add_argument("--scale-sample", type=float, default=16.0)
+    ap.add_argument("--scale-image", type=float, default=1000.0)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     setting, attrs = args.setting, SETTINGS[args.setting]["attributes"]

@@ -30,3 +30,14 @@ def to_uint8_numpy(x: Any) -> np.ndarray:
 def from_uint8(u: Tensor) -> Tensor:
     """uint8 0..255 -> float32 in [-1, 1]."""
     return u.float() / PIXEL_HALF_RANGE - 1.0
+
+
+def map_batch(batch: dict[str, Any]) -> tuple[list[str], Tensor, Tensor]:
+    """A decoded map-job batch (``id``, ``pixels`` uint8 [N, C, H, W], ``label``) as (ids, images
+    in [-1, 1], int64 labels). Ray hands the batch's arrays over read-only (zero copy): they are
+    copied only then, so torch never wraps a non-writable array (a UserWarning per batch)."""
+    ids = [str(i) for i in batch["id"]]
+    pixels = torch.from_numpy(np.require(batch["pixels"], requirements=["C", "W"]))
+    labels = torch.from_numpy(np.require(np.asarray(batch["label"], dtype=np.int64),
+                                         requirements=["C", "W"]))
+    return ids, from_uint8(pixels), labels

@@ -237,14 +237,10 @@ class HVectorMapper:
         self.keep = [grid.index(t) for t in settings["timesteps"]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from debiaslab.data.pixels import from_uint8
+        from debiaslab.data.pixels import map_batch
 
         s = self.settings
-        ids = [str(i) for i in batch["id"]]
-        pixels = torch.from_numpy(np.require(batch["pixels"], requirements=["C", "W"]))
-        x0 = from_uint8(pixels)
-        labels = torch.from_numpy(np.require(np.asarray(batch["label"], dtype=np.int64),
-                                             requirements=["C", "W"]))
+        ids, x0, labels = map_batch(batch)
         conditional = self.trained.num_classes > 0 and self.trained.cfg.model.class_conditional
         out: list[np.ndarray] = []
         step = int(s["images_per_forward"])

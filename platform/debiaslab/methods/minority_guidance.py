@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from debiaslab.data.pixels import from_uint8
+from debiaslab.data.pixels import map_batch
 from debiaslab.diffusion.noise import image_noise, image_seed  # noqa: F401  (the MG API)
 from debiaslab.diffusion.schedules import respaced_timestep
 from debiaslab.errors import ConfigError, DataError
@@ -154,13 +154,7 @@ class MinorityScoreMapper:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         s = self.settings
-        ids = [str(i) for i in batch["id"]]
-        # Ray hands the batch's arrays over read-only (zero copy): copy only then, so torch
-        # never wraps a non-writable array (a UserWarning at every batch)
-        pixels = torch.from_numpy(np.require(batch["pixels"], requirements=["C", "W"]))
-        x0 = from_uint8(pixels)
-        labels = torch.from_numpy(np.require(np.asarray(batch["label"], dtype=np.int64),
-                                             requirements=["C", "W"]))
+        ids, x0, labels = map_batch(batch)
         conditional = self.trained.num_classes > 0 and self.trained.cfg.model.class_conditional
         scores = np.empty(len(ids), np.float32)
         step = int(s["images_per_forward"])
