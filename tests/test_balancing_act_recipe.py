@@ -164,6 +164,7 @@ def test_the_image_space_baselines_classifier_trains_on_the_built_data(local_run
         "classifier.label=attr:bold", "classifier.timestep_range=[0, 0]",
         "classifier.val_buckets=1", "classifier.model.model_channels=8",
         "classifier.model.channel_mult=[1]", "classifier.model.attention_resolutions=[]",
+        "classifier.model.head_channels=8",
         "classifier.train.steps=2", "classifier.train.batch_size=16",
         "classifier.train.checkpoint_every=2", "distributed.backend=local"])
     result = run_experiment(clf, progress=False)

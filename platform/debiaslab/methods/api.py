@@ -5,7 +5,8 @@ its recipe from these pieces only (never from the internals of stages, recipes o
 
 - config: :func:`register_section` (its typed ``<name>:`` section; ``affects_training`` and
   ``check``), :func:`register_validator`, :class:`ExperimentConfig`, :class:`ClassifierConfig`
-  (the type of an auxiliary model's section);
+  (the type of an auxiliary model's section), :class:`ModelConfig` and :class:`TrainConfig`
+  (its defaults), :func:`to_dict`;
 - recipes: :class:`Recipe`, :class:`Stage`, :class:`StageOutput`, :func:`register_recipe`,
   :func:`requires`, :func:`make_artifact`, :func:`recorded_outputs`;
 - the shared stages: :func:`diffusion_stages` (data -> [before_train] -> train -> [extra] ->
@@ -23,8 +24,11 @@ docs/architecture.md lists where each kind of component registers.
 from debiaslab.config import (
     ClassifierConfig,
     ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
     register_section,
     register_validator,
+    to_dict,
     with_section,
 )
 from debiaslab.diffusion.guidance import GUIDANCE
@@ -46,8 +50,8 @@ from debiaslab.registry import Registry
 from debiaslab.stages import AuxModelKind, aux_model_stage, diffusion_stages, side_table_stage
 
 __all__ = ["GUIDANCE", "LOSSES", "NETS", "SPACINGS", "WEIGHTINGS", "AuxModelKind",
-           "ClassifierConfig", "ExperimentConfig",
+           "ClassifierConfig", "ExperimentConfig", "ModelConfig", "TrainConfig",
            "Recipe", "Registry", "Stage", "StageOutput", "aux_model_stage", "diffusion_stages",
            "log", "make_artifact", "progress", "recorded_outputs", "register_recipe",
            "register_section", "register_validator", "requires", "side_table_stage",
-           "with_section"]
+           "to_dict", "with_section"]

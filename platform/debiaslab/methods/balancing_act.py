@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from debiaslab.config.schema import ModelConfig, TrainConfig
 from debiaslab.errors import CheckpointError, ConfigError, DataError
 from debiaslab.methods.api import (
     GUIDANCE,
@@ -46,7 +45,10 @@ from debiaslab.methods.api import (
     AuxModelKind,
     ClassifierConfig,
     ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
     register_section,
+    to_dict,
 )
 
 TEMPERATURE = 8.0  # released: logits / 8 before the softmax
@@ -544,7 +546,6 @@ def heads_loss(net: Any, h: Tensor, t: Tensor, labels: Tensor, groups: Sequence[
 
 def _heads_task_class() -> Any:
     """The task class, built on first use (training imports torch-heavy modules)."""
-    from debiaslab.config import to_dict
     from debiaslab.training.loop import TrainTask
 
     class HHeadsTask(TrainTask):
