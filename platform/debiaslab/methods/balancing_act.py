@@ -26,6 +26,7 @@ The method's math, each function one equation of the paper or its released code
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -264,9 +265,15 @@ def h_settings(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def _h_shape(ctx: Any) -> tuple[int, ...]:
+    return _h_shape_of(str(ctx.inputs["score_model"].path))
+
+
+@functools.lru_cache(maxsize=4)
+def _h_shape_of(checkpoint: str) -> tuple[int, ...]:
+    """The backbone's h shape, loaded once per checkpoint (the schema and the log both ask)."""
     from debiaslab.sampling import load_trained
 
-    net = load_trained(ctx.inputs["score_model"].path, device="cpu").model
+    net = load_trained(checkpoint, device="cpu").model
     if not callable(getattr(net, "h_shape", None)):
         raise ConfigError(f"recipe balancing_act: the backbone {type(net).__name__} has no "
                           f"h-space (model.net: unet)")
@@ -847,8 +854,22 @@ def _load_attribute_classifier(spec: AttributeTermsSpec, ctx: GuidanceContext, w
     return ctx.load_classifier(spec.checkpoint, ctx.device)
 
 
+class AttributeGuided(Guided):
+    """Base of the attribute guidances: per-sample targets in sample mode (``ba_target``)."""
+
+    cond_keys = ("ba_target",)
+    terms: AttributeTerms
+    spec: AttributeTermsSpec
+
+    def sample_cond(self, seeds: Sequence[int]) -> dict[str, Tensor]:
+        out = super().sample_cond(seeds)
+        if self.spec.mode == "sample":
+            out["ba_target"] = self.terms.sample_targets(seeds)
+        return out
+
+
 @GUIDANCE.register("balancing_act")
-class HSpaceAttributeGuidance(Guided):
+class HSpaceAttributeGuidance(AttributeGuided):
     """Parihar et al. 2024, §3.4-3.5: at each guided step, the bottleneck h_t of the forward
     pass is replaced by h_t - eta_t s grad_h (loss_scale L(h_t)), eta_t = step_coef
     beta_t^step_power, L the attribute terms of the per-timestep heads on h_t (sample or
@@ -858,7 +879,6 @@ class HSpaceAttributeGuidance(Guided):
     official grid), are unguided."""
 
     Spec = BAGuidanceSpec
-    cond_keys = ("ba_target",)
 
     def __init__(self, inner: Any, heads: Any, terms: AttributeTerms, *,
                  window: tuple[float, float], null_label: int | None = None) -> None:
@@ -889,11 +909,6 @@ class HSpaceAttributeGuidance(Guided):
                          "a timestep with a head")
         return cls(inner, heads, terms, window=window, null_label=ctx.null_label)
 
-    def sample_cond(self, seeds: Sequence[int]) -> dict[str, Tensor]:
-        out = super().sample_cond(seeds)
-        if self.spec.mode == "sample":
-            out["ba_target"] = self.terms.sample_targets(seeds)
-        return out
 
     def active(self, t: Tensor) -> Tensor:
         """Rows whose timestep is in the window and within reach of a head."""
@@ -937,7 +952,7 @@ class HSpaceAttributeGuidance(Guided):
 
 
 @GUIDANCE.register("image_attribute")
-class ImageSpaceAttributeGuidance(Guided):
+class ImageSpaceAttributeGuidance(AttributeGuided):
     """The image-space baseline of Parihar et al. 2024 (§3.6, "universal guidance"): the
     attribute terms on a classifier of clean images applied to x0_hat(x_t), and
     eps' = eps + sqrt(1 - abar_t) s grad_{x_t} (loss_scale L): the classifier-guidance direction
@@ -945,7 +960,6 @@ class ImageSpaceAttributeGuidance(Guided):
     depends on eps(x_t))."""
 
     Spec = ImageGuidanceSpec
-    cond_keys = ("ba_target",)
 
     def __init__(self, inner: Any, classifier: Any, terms: AttributeTerms, *,
                  window: tuple[float, float], time_input: bool,
@@ -973,11 +987,6 @@ class ImageSpaceAttributeGuidance(Guided):
         return cls(inner, model, terms, window=window, time_input=bool(info["time_input"]),
                    null_label=ctx.null_label)
 
-    def sample_cond(self, seeds: Sequence[int]) -> dict[str, Tensor]:
-        out = super().sample_cond(seeds)
-        if self.spec.mode == "sample":
-            out["ba_target"] = self.terms.sample_targets(seeds)
-        return out
 
     def __call__(self, x_t: Tensor, t: Tensor, **cond: Any) -> Tensor:
         mine, rest = self.own(cond)
